@@ -1,0 +1,200 @@
+"""The decoder: one implementation shared by the rollout engine, the drafter's feature source and
+the RL trainer, so the log-probs the engine records and the ones the trainer recomputes come from
+the same arithmetic.
+
+Two call shapes, one module:
+  * training / teacher forcing: `model(tokens)` - full causal attention over (B, T) right-padded
+    rows (padding sits after each row's valid tokens, so the causal mask already hides it);
+  * cached decoding: `model(tokens, start=..., cache=...)` - each row b feeds q tokens at absolute
+    positions start[b] + arange(q), writes their K/V into its cache slot, and attends to every
+    cached position <= its own. Rows may feed different numbers of real tokens (pad the rest; the
+    padded queries' outputs are ignored and their K/V land past the row's length, i.e. in garbage
+    space). Several query tokens per row is how speculative drafts are verified.
+
+HF checkpoints store q/k/v and gate/up as separate matrices; we keep them fused (one matmul each)
+and split/merge them in checkpoint.py. RMSNorm and RoPE follow HF's dtype handling (norm in fp32,
+cast back) so bf16 results match transformers too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .rope import apply_rotary, cos_sin, inv_frequencies
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, q, V) in the model's dtype (or (B, 1, V) with logits_index)
+    hidden: torch.Tensor | None = None  # (B, q, len(hidden_layers) * H): chosen layers' outputs, concatenated
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, q, H)
+        cos: torch.Tensor,  # (B, q, D)
+        sin: torch.Tensor,
+        layer_cache: tuple[torch.Tensor, torch.Tensor] | None,  # 2 x (S, n_kv, T, D)
+        write_pos: torch.Tensor | None,  # (B, q) absolute positions of the query tokens
+        mask: torch.Tensor | None,  # (B, 1, q, kv_len) bool, True = may attend
+        kv_len: int,
+    ) -> torch.Tensor:
+        B, q, _ = x.shape
+        xq, xk, xv = self.wqkv(x).split(self.split, dim=-1)
+        xq = xq.view(B, q, self.n_heads, self.head_dim)
+        xk = xk.view(B, q, self.n_kv, self.head_dim)
+        xv = xv.view(B, q, self.n_kv, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+            xq, xk = self.q_norm(xq), self.k_norm(xk)
+        xq = apply_rotary(xq.transpose(1, 2), cos, sin)  # (B, n_heads, q, D)
+        xk = apply_rotary(xk.transpose(1, 2), cos, sin)  # (B, n_kv, q, D)
+        xv = xv.transpose(1, 2)
+        if layer_cache is None:
+            y = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True, enable_gqa=True)
+        else:
+            k_cache, v_cache = layer_cache
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            k_cache[rows, :, write_pos] = xk.transpose(1, 2)  # (B, q, n_kv, D) into slots [0, B)
+            v_cache[rows, :, write_pos] = xv.transpose(1, 2)
+            keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]  # (B, n_kv, kv_len, D)
+            y = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, q, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).split(self.inter, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer_cache, write_pos, mask, kv_len):
+        x = x + self.attn(self.attn_norm(x), cos, sin, layer_cache, write_pos, mask, kv_len)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM for the Llama / Qwen2 / Qwen3 families (see config.py)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        inv_freq, scaling = inv_frequencies(cfg.rope, cfg.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_scaling = scaling
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Transformer":
+        """Random init for models trained from scratch (the built-in actor, tests)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                with torch.no_grad():
+                    p.normal_(0.0, std, generator=generator)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, max_rows: int, max_len: int) -> KVCache:
+        return KVCache.for_model(self.cfg, max_rows, max_len, self.dtype, self.device)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, q) long
+        *,
+        start: torch.Tensor | None = None,  # (B,) long: committed cache length per row
+        cache: KVCache | None = None,
+        hidden_layers: Sequence[int] = (),
+        logits_index: torch.Tensor | None = None,  # (B,) long: compute logits at one position per row
+        compute_logits: bool = True,
+    ) -> ModelOutput:
+        B, q = tokens.shape
+        device = tokens.device
+        offsets = torch.arange(q, device=device)
+        if cache is None:
+            positions = offsets.expand(B, q)
+            mask, kv_len, write_pos = None, q, None
+        else:
+            if start is None:
+                raise ValueError("cached forward needs `start` (per-row committed lengths)")
+            positions = start[:, None] + offsets  # (B, q)
+            # Host sync: the key range to read. The engine syncs every step anyway (stop checks).
+            kv_len = int(positions[:, -1].max()) + 1
+            if kv_len > cache.max_len:
+                raise ValueError(f"KV cache overflow: need {kv_len} positions, cache holds {cache.max_len}")
+            key_pos = torch.arange(kv_len, device=device)
+            mask = (key_pos[None, :] <= positions[:, :, None])[:, None]  # (B, 1, q, kv_len)
+            write_pos = positions
+        cos, sin = cos_sin(self.inv_freq, self.rope_scaling, positions, self.dtype)
+
+        x = self.embed(tokens)  # (B, q, H)
+        captured: dict[int, torch.Tensor] = {}  # layer index -> its output (B, q, H)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, layer_cache, write_pos, mask, kv_len)
+            if i in hidden_layers:
+                captured[i] = x
+        hidden = torch.cat([captured[j] for j in hidden_layers], dim=-1) if hidden_layers else None
+        if not compute_logits:
+            return ModelOutput(logits=torch.empty(0, device=device), hidden=hidden)
+        if logits_index is not None:
+            x = x[torch.arange(B, device=device), logits_index][:, None]  # (B, 1, H)
+        return ModelOutput(logits=self.lm_head(self.norm(x)), hidden=hidden)

@@ -48,6 +48,12 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """A view of slots [lo, hi) sharing storage (used to prefill newly admitted rows)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, lo:hi], self.v[:, lo:hi]
+        return view
+
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 

@@ -49,13 +49,37 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+@dataclass
+class Geometry:
+    """Where a forward's query tokens sit: shared by every layer (and by the drafter's layer)."""
+
+    positions: torch.Tensor  # (B, q) absolute positions of the query tokens
+    mask: torch.Tensor | None  # (B, 1, q, kv_len) bool, True = may attend; None = plain causal
+    kv_len: int  # keys read from the cache: [0, kv_len)
+    cached: bool
+
+
+def geometry(B: int, q: int, start: torch.Tensor | None, max_len: int | None, device) -> Geometry:
+    offsets = torch.arange(q, device=device)
+    if start is None:
+        return Geometry(offsets.expand(B, q), None, q, cached=False)
+    positions = start[:, None] + offsets  # (B, q)
+    # Host sync: the key range to read. The engine syncs every step anyway (stop checks).
+    kv_len = int(positions[:, -1].max()) + 1
+    if max_len is not None and kv_len > max_len:
+        raise ValueError(f"KV cache overflow: need {kv_len} positions, cache holds {max_len}")
+    key_pos = torch.arange(kv_len, device=device)
+    mask = (key_pos[None, :] <= positions[:, :, None])[:, None]  # (B, 1, q, kv_len)
+    return Geometry(positions, mask, kv_len, cached=True)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, in_dim: int | None = None) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
-        self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.wqkv = nn.Linear(in_dim or cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -66,9 +90,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # (B, q, D)
         sin: torch.Tensor,
         layer_cache: tuple[torch.Tensor, torch.Tensor] | None,  # 2 x (S, n_kv, T, D)
-        write_pos: torch.Tensor | None,  # (B, q) absolute positions of the query tokens
-        mask: torch.Tensor | None,  # (B, 1, q, kv_len) bool, True = may attend
-        kv_len: int,
+        geo: Geometry,
     ) -> torch.Tensor:
         B, q, _ = x.shape
         xq, xk, xv = self.wqkv(x).split(self.split, dim=-1)
@@ -85,10 +107,10 @@ class Attention(nn.Module):
         else:
             k_cache, v_cache = layer_cache
             rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-            k_cache[rows, :, write_pos] = xk.transpose(1, 2)  # (B, q, n_kv, D) into slots [0, B)
-            v_cache[rows, :, write_pos] = xv.transpose(1, 2)
-            keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]  # (B, n_kv, kv_len, D)
-            y = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, enable_gqa=True)
+            k_cache[rows, :, geo.positions] = xk.transpose(1, 2)  # (B, q, n_kv, D) into slots [0, B)
+            v_cache[rows, :, geo.positions] = xv.transpose(1, 2)
+            keys, values = k_cache[:B, :, : geo.kv_len], v_cache[:B, :, : geo.kv_len]  # (B, n_kv, kv_len, D)
+            y = F.scaled_dot_product_attention(xq, keys, values, attn_mask=geo.mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, q, -1))
 
 
@@ -112,8 +134,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer_cache, write_pos, mask, kv_len):
-        x = x + self.attn(self.attn_norm(x), cos, sin, layer_cache, write_pos, mask, kv_len)
+    def forward(self, x, cos, sin, layer_cache, geo: Geometry):
+        x = x + self.attn(self.attn_norm(x), cos, sin, layer_cache, geo)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -168,28 +190,16 @@ class Transformer(nn.Module):
     ) -> ModelOutput:
         B, q = tokens.shape
         device = tokens.device
-        offsets = torch.arange(q, device=device)
-        if cache is None:
-            positions = offsets.expand(B, q)
-            mask, kv_len, write_pos = None, q, None
-        else:
-            if start is None:
-                raise ValueError("cached forward needs `start` (per-row committed lengths)")
-            positions = start[:, None] + offsets  # (B, q)
-            # Host sync: the key range to read. The engine syncs every step anyway (stop checks).
-            kv_len = int(positions[:, -1].max()) + 1
-            if kv_len > cache.max_len:
-                raise ValueError(f"KV cache overflow: need {kv_len} positions, cache holds {cache.max_len}")
-            key_pos = torch.arange(kv_len, device=device)
-            mask = (key_pos[None, :] <= positions[:, :, None])[:, None]  # (B, 1, q, kv_len)
-            write_pos = positions
-        cos, sin = cos_sin(self.inv_freq, self.rope_scaling, positions, self.dtype)
+        if cache is not None and start is None:
+            raise ValueError("cached forward needs `start` (per-row committed lengths)")
+        geo = geometry(B, q, start if cache is not None else None, cache.max_len if cache else None, device)
+        cos, sin = cos_sin(self.inv_freq, self.rope_scaling, geo.positions, self.dtype)
 
         x = self.embed(tokens)  # (B, q, H)
         captured: dict[int, torch.Tensor] = {}  # layer index -> its output (B, q, H)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, cos, sin, layer_cache, write_pos, mask, kv_len)
+            x = layer(x, cos, sin, layer_cache, geo)
             if i in hidden_layers:
                 captured[i] = x
         hidden = torch.cat([captured[j] for j in hidden_layers], dim=-1) if hidden_layers else None

@@ -1,0 +1,84 @@
+"""The one entry point: `respec {generate,pretrain,distill,bench} ...`.
+
+Every subcommand's flags are generated from its config dataclass (config.py), so defaults live in
+one place; `--config FILE.toml` supplies values, flags override them, and the resolved config is
+printed at start. `main(argv)` is what tests call in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from . import config as C
+
+
+class _Command:
+    def __init__(self, name: str, help: str, cfg_cls: type | None, run: Callable, extra: Callable | None = None):
+        self.name, self.help, self.cfg_cls, self.run, self.extra = name, help, cfg_cls, run, extra
+
+
+def _run_generate(cfg: C.GenerateConfig, args: argparse.Namespace) -> int:
+    from .generate import run_generate
+
+    rep = run_generate(cfg, progress=sys.stderr.isatty())
+    msg = f"wrote {rep.output}: {rep.rows} prompts, {rep.tokens} tokens in {rep.wall_s:.2f}s"
+    if cfg.drafter:
+        msg += f", mean acceptance length {rep.mean_accept_len:.2f}"
+    print(msg)
+    if rep.skipped:
+        lines = ", ".join(str(n) for n, _ in rep.skipped[:20])
+        print(f"skipped {len(rep.skipped)} malformed rows (lines {lines}{', ...' if len(rep.skipped) > 20 else ''})")
+    return 0
+
+
+def _commands() -> list[_Command]:
+    cmds = [_Command("generate", "plain or speculative decoding of a JSONL prompt file", C.GenerateConfig, _run_generate)]
+    try:
+        from .tasks.pretrain import PretrainConfig, run_pretrain_cli
+
+        cmds.append(_Command("pretrain", "build the built-in actor (supervised, cached)", PretrainConfig, run_pretrain_cli))
+    except ImportError:
+        pass
+    return cmds
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
+    parser = argparse.ArgumentParser(
+        prog="respec",
+        description="respec: fast RL post-training with exactly lossless, adaptive speculative rollouts",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    table = {}
+    for cmd in _commands():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.cfg_cls is not None:
+            p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file with settings")
+            C.add_arguments(p, cmd.cfg_cls)
+        if cmd.extra is not None:
+            cmd.extra(p)
+        table[cmd.name] = cmd
+    return parser, table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, table = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    cmd = table[args.command]
+    try:
+        cfg = None
+        if cmd.cfg_cls is not None:
+            cfg = C.resolve(cmd.cfg_cls, args.config, C.overrides_from_args(args, cmd.cfg_cls))
+            print(f"# respec {cmd.name}: resolved config\n" + C.to_toml(cfg), file=sys.stderr)
+        return cmd.run(cfg, args)
+    except (ValueError, OSError) as e:  # our errors are ValueError subclasses that name the problem
+        print(f"respec {cmd.name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Configs: frozen dataclasses are the single source of every default and its help text.
+
+The CLI flags and the TOML file format are generated from / validated against these classes:
+`--section.key value` on the command line and `[section] key = value` in a TOML file address the
+same field. Precedence: dataclass default < TOML file (--config) < command-line flag. Unknown keys
+and ill-typed values are errors naming the key. The resolved config is printed at start and saved
+next to the outputs (`to_toml`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigValueError(ValueError):
+    """An invalid config value or key; the message names the key."""
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+def _section(cls: type, text: str) -> Any:
+    return field(default_factory=cls, metadata={"help": text})
+
+
+# ---- generation ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = _help("sampling temperature; 0 = greedy", 1.0)
+    top_p: float = _help("nucleus sampling: keep the smallest set reaching this mass (1 = off)", 1.0)
+    top_k: int = _help("keep the k most likely tokens (0 = off)", 0)
+
+    def validate(self, prefix: str = "") -> None:
+        if not (self.temperature >= 0 and self.temperature < float("inf")):
+            raise ConfigValueError(f"{prefix}temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ConfigValueError(f"{prefix}top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigValueError(f"{prefix}top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: str = _help("HF-format checkpoint directory (Llama / Qwen2 / Qwen3); empty = the built-in actor", "")
+    input: str = _help("JSONL of {id, prompt} or {id, prompt_ids} rows", "")
+    output: str = _help("JSONL written atomically: id, sample, prompt_ids, token_ids, text, logprobs, finish_reason", "")
+    n: int = _help("samples per prompt", 1)
+    max_new_tokens: int = _help("generation budget per sample", 128)
+    seed: int = _help("randomness is keyed by (seed, prompt id, sample index)", 0)
+    temperature: float = _help("sampling temperature; 0 = greedy", 1.0)
+    top_p: float = _help("nucleus sampling mass (1 = off)", 1.0)
+    top_k: int = _help("top-k filter (0 = off)", 0)
+    chat_template: bool = _help("apply the checkpoint's chat template to text prompts", False)
+    drafter: str = _help("drafter directory (EAGLE head or a standalone draft LM checkpoint)", "")
+    spec: str = _help("speculation: off | K (static draft length)", "off")
+    dtype: str = _help("float32 | bfloat16", "float32")
+    device: str = _help("cpu | cuda", "cpu")
+    max_batch: int = _help("maximum rows decoded together", 64)
+    on_bad_row: str = _help("malformed input rows: stop (error naming the line) | skip (counted, line numbers reported)", "stop")
+
+    def validate(self) -> None:
+        SamplingConfig(self.temperature, self.top_p, self.top_k).validate()
+        if not self.input:
+            raise ConfigValueError("input is required (--input prompts.jsonl)")
+        if not self.output:
+            raise ConfigValueError("output is required (--output out.jsonl)")
+        for key in ("n", "max_new_tokens", "max_batch"):
+            if getattr(self, key) < 1:
+                raise ConfigValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        parse_spec(self.spec, "spec")
+        if self.on_bad_row not in ("stop", "skip"):
+            raise ConfigValueError(f"on_bad_row must be 'stop' or 'skip', got {self.on_bad_row!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+def parse_spec(value: str, key: str = "spec") -> int | str:
+    """'off' -> 0, 'K' -> K (1..16), 'adaptive' -> 'adaptive'."""
+    v = str(value).strip().lower()
+    if v in ("off", "0", "none"):
+        return 0
+    if v == "adaptive":
+        return "adaptive"
+    if v.isdigit() and 1 <= int(v) <= 16:
+        return int(v)
+    raise ConfigValueError(f"{key} must be off, adaptive or an integer 1..16, got {value!r}")
+
+
+# ---- generic machinery ---------------------------------------------------------------------------
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (tuple, list):
+        (inner, *_) = typing.get_args(typ) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigValueError(f"{key}: expected a list, got {value!r}")
+        items = [_coerce(v, inner, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigValueError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {value!r}") from None
+    return value
+
+
+def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate a (nested) config dataclass from a dict, rejecting unknown keys by name."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigValueError(f"unknown config key {prefix + sorted(unknown)[0]!r}")
+    kwargs: dict[str, Any] = {}
+    for name, v in values.items():
+        typ = _field_type(cls, known[name])
+        key = prefix + name
+        if is_dataclass(typ):
+            if not isinstance(v, dict):
+                raise ConfigValueError(f"{key}: expected a table of settings")
+            kwargs[name] = build(typ, v, key + ".")
+        else:
+            kwargs[name] = _coerce(v, typ, key)
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigValueError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigValueError(f"config file {path}: {e}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """One flag per leaf field (`--section.key`), default suppressed so only given flags override."""
+    for f in fields(cls):
+        typ = _field_type(cls, f)
+        name = prefix + f.name
+        if is_dataclass(typ):
+            add_arguments(parser, typ, name + ".")
+            continue
+        flags = [f"--{name}"]
+        if "_" in name:
+            flags.append("--" + name.replace("_", "-"))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=_metavar(typ),
+                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
+
+
+def _metavar(typ: Any) -> str:
+    return {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(typ, "VALUE")
+
+
+def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """Flags actually given -> nested dict of overrides."""
+    out: dict[str, Any] = {}
+    leaf = set(_leaf_names(cls))
+    for k, v in vars(args).items():
+        if k not in leaf:
+            continue
+        d = out
+        *path, last = k.split(".")
+        for p in path:
+            d = d.setdefault(p, {})
+        d[last] = v
+    return out
+
+
+def _leaf_names(cls: type, prefix: str = "") -> list[str]:
+    names = []
+    for f in fields(cls):
+        typ = _field_type(cls, f)
+        if is_dataclass(typ):
+            names += _leaf_names(typ, prefix + f.name + ".")
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+def resolve(cls: type, config_file: str | None, overrides: dict[str, Any]) -> Any:
+    values = load_toml(config_file) if config_file else {}
+    return build(cls, merge(values, overrides))
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def to_toml(obj: Any) -> str:
+    """Serialize a (nested) config dataclass as TOML: scalars first, then one table per section."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if v is None:
+            return '"none"'
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+
+    def emit(d: dict[str, Any], section: str) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if section:
+            lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {fmt(v)}" for k, v in scalars.items())
+        for k, v in tables.items():
+            emit(v, f"{section}.{k}" if section else k)
+
+    emit(dataclasses.asdict(obj), "")
+    return "\n".join(lines).lstrip("\n") + "\n"

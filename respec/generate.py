@@ -1,0 +1,121 @@
+"""`respec generate`: plain or speculative decoding of a JSONL prompt file with an HF checkpoint.
+
+Library use is the same path: `load_generator(cfg)` returns the engine and tokenizer, and
+`run_generate(cfg)` is what the CLI calls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import GenerateConfig, parse_spec
+from .io import DataError, atomic_write_jsonl, read_jsonl
+from .models import Tokenizer, load_pretrained
+from .models.transformer import Transformer
+from .rollout.engine import Engine, Request, StaticK
+from .rollout.sampling import SamplingParams
+
+
+def load_drafter(path: str | Path, target: Transformer, actor_path: str | None = None):
+    """An EAGLE head directory (config.json kind=eagle3) or a standalone draft LM checkpoint."""
+    from .drafter import DraftModelDrafter, DrafterError, EagleDrafter, load_eagle
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise DrafterError(f"{path}: not a drafter directory (no config.json)")
+    kind = json.loads(cfg_file.read_text()).get("kind")
+    if kind == "eagle3":
+        return EagleDrafter(load_eagle(path, target, actor=actor_path), target)
+    draft = load_pretrained(path, dtype=target.dtype, device=target.device).model
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise DrafterError(
+            f"{path}: draft model vocabulary {draft.cfg.vocab_size} != actor vocabulary {target.cfg.vocab_size}"
+        )
+    return DraftModelDrafter(draft)
+
+
+def _validate_row(row: dict[str, Any]) -> None:
+    if "id" not in row:
+        raise DataError("missing field 'id'")
+    if "prompt_ids" in row:
+        ids = row["prompt_ids"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise DataError("'prompt_ids' must be a non-empty list of integers")
+    elif "prompt" in row:
+        if not isinstance(row["prompt"], str) or not row["prompt"]:
+            raise DataError("'prompt' must be a non-empty string")
+    else:
+        raise DataError("missing field 'prompt' or 'prompt_ids'")
+
+
+@dataclass
+class GenerateReport:
+    rows: int
+    skipped: list[tuple[int, str]]
+    tokens: int
+    wall_s: float
+    mean_accept_len: float
+    output: Path
+
+
+def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateReport:
+    cfg.validate()
+    from .models.checkpoint import parse_dtype
+
+    model_dir = cfg.model or str(builtin_actor_dir())
+    pre = load_pretrained(model_dir, dtype=parse_dtype(cfg.dtype), device=cfg.device)
+    model, tok = pre.model, pre.tokenizer
+    data = read_jsonl(cfg.input, _validate_row, cfg.on_bad_row)
+    prompts: list[tuple[str, list[int]]] = []
+    for lineno, row in data.rows:
+        if "prompt_ids" in row:
+            ids = row["prompt_ids"]
+        else:
+            if tok is None:
+                raise DataError(f"{cfg.input}:{lineno}: text prompt but {model_dir} has no tokenizer.json")
+            ids = tok.encode_chat(row["prompt"]) if cfg.chat_template else tok.encode(row["prompt"])
+        prompts.append((str(row["id"]), ids))
+    spec = parse_spec(cfg.spec)
+    drafter = None
+    if cfg.drafter:
+        drafter = load_drafter(cfg.drafter, model, actor_path=model_dir)
+    elif spec:
+        raise DataError("--spec needs --drafter DIR")
+    policy = StaticK(spec if isinstance(spec, int) else 4)
+    engine = Engine(model, eos_token_ids=pre.eos_token_ids, drafter=drafter, policy=policy,
+                    max_batch=cfg.max_batch, seed=cfg.seed)
+    requests = [Request(pid, tuple(ids), s, cfg.max_new_tokens) for pid, ids in prompts for s in range(cfg.n)]
+    sampling = SamplingParams(cfg.temperature, cfg.top_k, cfg.top_p)
+    result = _generate_with_progress(engine, requests, sampling, progress)
+    out_rows = []
+    for r in result.rollouts:
+        out_rows.append({
+            "id": r.request.id, "sample": r.request.sample_index, "prompt_ids": list(r.request.prompt_ids),
+            "token_ids": r.token_ids, "text": tok.decode(r.token_ids) if tok is not None else None,
+            "logprobs": r.logprobs, "finish_reason": r.finish_reason,
+        })
+    path = atomic_write_jsonl(cfg.output, out_rows)
+    return GenerateReport(len(prompts), data.skipped, result.tokens, result.wall_s, result.mean_accept_len, path)
+
+
+def _generate_with_progress(engine: Engine, requests, sampling, progress: bool):
+    if not progress:
+        return engine.generate(requests, sampling)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress("[bold]generate", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("generate", total=len(requests))
+        return engine.generate(requests, sampling, progress=lambda done: bar.update(task, completed=done))
+
+
+def builtin_actor_dir() -> Path:
+    """Where the built-in actor is cached (built by `respec pretrain` on first use)."""
+    from .tasks.pretrain import ensure_builtin_actor
+
+    return ensure_builtin_actor()

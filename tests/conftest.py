@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Tiny test models run fastest single-threaded (and do not fight parallel test processes).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

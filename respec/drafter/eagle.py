@@ -13,6 +13,8 @@ what the training-time-test unroll in `train_forward` teaches it to handle).
 
 The target's embedding and LM head are shared: they are read from the current actor model at call
 time and never stored in this module's state dict, so the drafter can never hold a stale copy.
+They are read *detached* (`embed`, `logits`): distillation backpropagates through them into the
+head, but must never leave gradients on the live actor's parameters, which the RL optimizer owns.
 Layer choice rule (works for 2-layer targets; indices may repeat): sorted(min(2, L-1), L//2, max(L-3, 0)).
 """
 
@@ -123,8 +125,14 @@ class EagleHead(nn.Module):
         y = F.scaled_dot_product_attention(xq, keys, values, attn_mask=geo.mask, enable_gqa=True)
         return self._finish(feats, y)
 
+    @staticmethod
+    def embed(target: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+        """The actor's (frozen, shared) token embedding: tokens (B, q) -> (B, q, H)."""
+        return F.embedding(tokens, target.embed.weight.detach())
+
     def logits(self, target: Transformer, h: torch.Tensor) -> torch.Tensor:
-        return target.lm_head(self.norm(h))
+        """Drafter output hidden (B, q, H) -> logits (B, q, V) through the actor's (frozen, shared) LM head."""
+        return F.linear(self.norm(h), target.lm_head.weight.detach())
 
     # ---- training-time forward with the multi-step unroll -----------------------------------------
     def train_forward(self, target: Transformer, tokens: torch.Tensor, target_feats: torch.Tensor, depth: int):
@@ -140,7 +148,7 @@ class EagleHead(nn.Module):
         """
         B, T = tokens.shape
         n = T - 1
-        embeds = target.embed(tokens[:, 1:])  # (B, n, H): token i+1 for entry i
+        embeds = self.embed(target, tokens[:, 1:])  # (B, n, H): token i+1 for entry i
         positions = torch.arange(n, device=tokens.device).expand(B, n)
         feats = self.fc(target_feats[:, :n])  # (B, n, H)
         keys, values, outs = [], [], []
@@ -205,7 +213,7 @@ class EagleDrafter:
         entry = (D[:, None] + j).clamp(max=ctx.tokens.shape[1] - 2)  # (B, c) entry indices i
         rows = torch.arange(B, device=L.device)[:, None]
         feats = self.head.fc(ctx.features[rows, entry])  # (B, c, H) true fused features f_i
-        embeds = self.target.embed(ctx.tokens[rows, entry + 1])  # (B, c, H) tok_{i+1}
+        embeds = self.head.embed(self.target, ctx.tokens[rows, entry + 1])  # (B, c, H) tok_{i+1}
         h = self.head.step(embeds, feats, D, self.cache)  # (B, c, H)
         h_last = h[torch.arange(B), count - 1][:, None]  # (B, 1, H): output of entry L-1
         toks, probs, oks = [], [], []
@@ -213,7 +221,7 @@ class EagleDrafter:
             tok, pr, ok = sample_drafts_step(self.head.logits(self.target, h_last)[:, 0], sampling, u_draft[:, s])
             toks.append(tok), probs.append(pr), oks.append(ok)
             if s + 1 < k:  # draft entry L + s: (own output of previous entry, d_{s+1})
-                h_last = self.head.step(self.target.embed(tok[:, None]), h_last, L + s, self.cache)
+                h_last = self.head.step(self.head.embed(self.target, tok[:, None]), h_last, L + s, self.cache)
         return Proposal(
             tokens=torch.stack(toks, 1), probs=torch.stack(probs, 1),
             ok=torch.stack(oks, 1).all(1) & has_feature, committed_len=torch.where(has_feature, L, D),
@@ -224,8 +232,9 @@ class EagleDrafter:
         return save_eagle(self.head, path)
 
 
-def save_eagle(head: EagleHead, path: str | Path) -> Path:
-    """safetensors + config.json; the shared embedding / LM head are not stored (they are the actor's)."""
+def save_eagle(head: EagleHead, path: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """safetensors + config.json (+ extra_files, e.g. training stats), written to a temporary sibling
+    directory and renamed into place. The shared embedding / LM head are not stored (they are the actor's)."""
     import os
     import shutil
     import tempfile
@@ -242,6 +251,8 @@ def save_eagle(head: EagleHead, path: str | Path) -> Path:
         cfg["kind"] = "eagle3"
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp / "model.safetensors"))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -268,8 +279,11 @@ def load_eagle(path: str | Path, target: Transformer, actor: str | None = None) 
         raise DrafterError(f"{path}/config.json: cannot be read ({e})") from None
     if raw.pop("kind", "eagle3") != "eagle3":
         raise DrafterError(f"{path}: not an EAGLE drafter")
-    raw["feature_layers"] = tuple(raw["feature_layers"])
-    cfg = EagleConfig(**raw)
+    try:
+        raw["feature_layers"] = tuple(int(i) for i in raw["feature_layers"])
+        cfg = EagleConfig(**raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DrafterError(f"{path}/config.json: not a valid EAGLE drafter config ({e!r})") from None
     tc = target.cfg
     if cfg.hidden_size != tc.hidden_size:
         raise DrafterError(f"{path}: drafter hidden size {cfg.hidden_size} != actor hidden size {tc.hidden_size}")

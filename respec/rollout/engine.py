@@ -42,6 +42,22 @@ class EngineError(ValueError):
     pass
 
 
+# How each emitted token came to be (Rollout.sources): a plain sample (k = 0 round), an accepted
+# draft, a sample from the residual after a rejection, or the bonus token after k_b accepts.
+SOURCE_PLAIN, SOURCE_ACCEPTED, SOURCE_RESAMPLED, SOURCE_BONUS = 0, 1, 2, 3
+
+
+def truncate_at_stop(tokens: torch.Tensor, n_emit: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stop token inside the emitted run ends the row there and drops the rest.
+
+    tokens (B, k+1), n_emit (B,) -> (n_emit truncated to include the first stop token, stopped (B,) bool)
+    """
+    j = torch.arange(tokens.shape[1], device=tokens.device)
+    is_eos = torch.isin(tokens, eos) & (j[None, :] < n_emit[:, None])
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(n_emit, tokens.shape[1]))
+    return torch.minimum(n_emit, first + 1), first < tokens.shape[1]
+
+
 @dataclass(frozen=True)
 class Request:
     id: str
@@ -58,6 +74,8 @@ class Rollout:
     token_ids: list[int] = field(default_factory=list)  # includes the stop token when one ended the row
     logprobs: list[float] = field(default_factory=list)  # log-prob under the distribution it was sampled from
     nucleus_sizes: list[int] = field(default_factory=list)  # top-p/top-k support size behind each token
+    sources: list[int] = field(default_factory=list)  # per token: SOURCE_PLAIN / _ACCEPTED / _RESAMPLED / _BONUS
+    round_slots: list[int] = field(default_factory=list)  # per token: its index within its verify round (0..k)
     finish_reason: str = ""  # "stop" | "length"
     drafted: int = 0  # draft tokens verified for this row
     accepted: int = 0  # of which accepted
@@ -298,7 +316,7 @@ class _BatchState:
         inp = torch.cat([pending[:, None], drafts], dim=1)  # (B, k+1)
         out = e.model(inp, start=L, cache=self.cache, hidden_layers=e.feature_layers if self.features is not None else ())
         check_finite(out.logits, "target logits")
-        tr = transform(out.logits.float(), self.sampling)
+        tr = transform(out.logits.float(), self.sampling, validate=False)
         target_probs = tr.probs  # (B, k+1, V) fp32
         u_accept = rng.uniforms(self.keys[:B], L[:, None] + 1 + torch.arange(k, device=dev), rng.LANE_ACCEPT)
         # the resampled/bonus token at emitted slot j (position L+1+j) uses (LANE_SAMPLE, L+1+j)
@@ -313,13 +331,8 @@ class _BatchState:
         dev = self.dev
         slots = torch.arange(B, device=dev)
         n_acc, toks = verdict.n_accepted, verdict.tokens  # (B,), (B, k+1)
-        n_emit = n_acc + 1
         j = torch.arange(k + 1, device=dev)
-        # a stop token inside the emitted run ends the row there and drops the rest
-        is_eos = torch.isin(toks, self.e.eos) & (j[None, :] < n_emit[:, None])
-        first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(n_emit, k + 1))
-        n_emit = torch.minimum(n_emit, first_eos + 1)
-        stopped = first_eos < k + 1
+        n_emit, stopped = truncate_at_stop(toks, n_acc + 1, self.e.eos)
         live = j[None, :] < n_emit[:, None]  # (B, k+1) emitted slots
         lp = torch.log(target_probs.gather(-1, toks.clamp(min=0)[..., None])[..., 0])  # (B, k+1)
         # write emitted tokens at positions L+1 .. L+n_emit; features of inputs L .. L+n_emit-1
@@ -348,6 +361,12 @@ class _BatchState:
             r.logprobs.extend(lp_l[b][:m])
             r.nucleus_sizes.extend(nuc_l[b][:m])
             a = min(n_acc_l[b], m)
+            r.round_slots.extend(range(m))
+            if k == 0:
+                r.sources.append(SOURCE_PLAIN)
+            else:
+                last = SOURCE_BONUS if n_acc_l[b] >= k_row_l[b] else SOURCE_RESAMPLED
+                r.sources.extend([SOURCE_ACCEPTED] * a + ([last] if m > a else []))
             r.drafted += k_row_l[b]
             r.accepted += a
             r.rounds += 1

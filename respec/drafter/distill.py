@@ -1,0 +1,369 @@
+"""`respec distill`: train an EAGLE-3 drafter head against a frozen actor (offline distillation).
+
+What it learns from: the actor's *own* samples. `collect_samples` decodes prompts with the rollout
+engine (plain decoding, temperature 1), `teacher_force` runs ONE actor forward per batch over those
+sequences and returns what the head needs: the chosen layers' features and the actor's log-softmax
+at temperature 1 at every position. The drafter is judged by how often the actor accepts its
+drafts on the actor's own outputs, so that is the distribution it should be trained on; teacher
+text (the task's written-out solutions) would be off-policy.
+
+The loss (`distill_loss`) is a soft cross-entropy, i.e. forward KL(actor || drafter) up to the
+actor's entropy, over the EAGLE training-time-test unroll (`EagleHead.train_forward`): step s
+reproduces draft step s of a speculative round, feeding back the head's own features. Why soft
+targets and not the sampled token: the acceptance probability of a draft at temperature 1 is
+alpha = sum_v min(p_actor(v), p_draft(v)) (= 1 - total variation), which is maximised by matching
+the whole distribution, and the full distribution is a far lower-variance signal than one sample.
+
+The per-sample `sample_weight` is the hook the online learner uses (staleness / importance
+weights): the loss is a weighted mean over tokens, so a zero weight removes a sample entirely.
+
+Data refresh (`DistillConfig.refresh`): every `refresh` steps a new pool is sampled (new prompts
+from the task stream or the next slice of the data file, new seed); 0 keeps one fixed pool. The
+actor is frozen, so a pool never goes stale; the only reason to refresh is to avoid overfitting a
+small pool. With the defaults a pool of 256 sequences is seen ~2-3 times before it is replaced,
+which costs one engine generate (a few seconds) per pool, roughly 5% of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigValueError, _help
+from ..models.transformer import Transformer
+from ..rollout.sampling import SamplingParams
+from ..rollout.speculative import acceptance_rate
+from .eagle import EagleConfig, EagleDrafter, EagleHead, save_eagle
+
+DEFAULT_STEP_DECAY = 0.8  # weight of unroll step s is DEFAULT_STEP_DECAY ** (s - 1) (EAGLE-3 style)
+
+
+# ---- loss ----------------------------------------------------------------------------------------
+def distill_loss(
+    head: EagleHead,
+    target: Transformer,
+    tokens: Tensor,
+    target_feats: Tensor,
+    target_logprobs: Tensor,
+    loss_mask: Tensor,
+    depth: int,
+    sample_weight: Tensor | None = None,
+    step_decay: float = DEFAULT_STEP_DECAY,
+) -> tuple[Tensor, dict]:
+    """Soft cross-entropy of the drafter against the actor, over `depth` unroll steps.
+
+    tokens (B, T) long; target_feats (B, T, F); target_logprobs (B, T, V): the actor's log-softmax
+    at temperature 1, position t giving the law of token t+1; loss_mask (B, T) bool: positions whose
+    next-token law is learned (response positions); sample_weight (B,) or None (all ones).
+
+    Entry i of the head pairs feature i with token i+1 and predicts token i+2, whose law is
+    target_logprobs[:, i+1]; at step s only entries i >= s-1 exist (an earlier entry has no round
+    that could draft it). Per step: weighted mean over the valid entries of
+    -sum_v p_actor(v) log q_draft(v), weights sample_weight[b]. Total: sum_s step_decay**(s-1) * step.
+
+    stats (detached floats): loss, and per step (lists, step 1 first) ce, top1 (draft argmax ==
+    actor argmax) and alpha (expected acceptance sum_v min(p, q) at temperature 1), plus tokens
+    (valid step-1 entries).
+    """
+    B, T = tokens.shape
+    n = T - 1
+    outs = head.train_forward(target, tokens, target_feats, depth)  # depth x (B, n, V)
+    actor_lp = target_logprobs[:, 1:].float()  # (B, n, V): the law of token i+2 for entry i
+    actor_p = actor_lp.exp()
+    weight = torch.ones(B, device=tokens.device) if sample_weight is None else sample_weight.float()
+    entry = torch.arange(n, device=tokens.device)
+    loss = torch.zeros((), device=tokens.device)
+    stats: dict = {"ce": [], "top1": [], "alpha": []}
+    for s, logits in enumerate(outs, start=1):
+        valid = loss_mask[:, 1:] & (entry >= s - 1)[None, :]  # (B, n)
+        w = weight[:, None] * valid  # (B, n)
+        denom = w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        draft_lp = logits.float().log_softmax(-1)  # (B, n, V)
+        ce = -(actor_p * draft_lp).sum(-1)  # (B, n)
+        step_loss = torch.where(valid, ce * w, torch.zeros_like(ce)).sum() / denom
+        loss = loss + step_decay ** (s - 1) * step_loss
+        with torch.no_grad():
+            top1 = (draft_lp.argmax(-1) == actor_lp.argmax(-1)).float()  # (B, n)
+            alpha = acceptance_rate(actor_p, draft_lp.exp()).float()  # (B, n)
+            stats["ce"].append(float(step_loss))
+            stats["top1"].append(float((top1 * w).sum() / denom))
+            stats["alpha"].append(float((alpha * w).sum() / denom))
+            if s == 1:
+                stats["tokens"] = int(valid.sum())
+    stats["loss"] = float(loss.detach())
+    return loss, stats
+
+
+# ---- data ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    tokens: tuple[int, ...]  # prompt + sampled response (ending with the stop token if one ended it)
+    prompt_len: int
+
+
+@dataclass
+class TeacherBatch:
+    """One right-padded batch with the actor's view of it (no gradients)."""
+
+    tokens: Tensor  # (B, T) long, padded with pad_id after each row
+    features: Tensor  # (B, T, F) chosen target layers' outputs, concatenated
+    logprobs: Tensor  # (B, T, V) float32 log-softmax at temperature 1: position t -> token t+1
+    loss_mask: Tensor  # (B, T) bool: positions whose next token is a response token
+    lengths: Tensor  # (B,) long: valid tokens per row
+
+
+@torch.no_grad()
+def collect_samples(
+    actor: Transformer,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    n_per_prompt: int,
+    max_new_tokens: int,
+    seed: int,
+    max_batch: int = 64,
+) -> list[Sample]:
+    """The actor's own responses: plain engine decoding at temperature 1, n_per_prompt per prompt.
+
+    Stop tokens: the actor config's eos ids plus the tokenizer's (if any). Randomness is keyed by
+    (seed, prompt index, sample index), so the same call gives the same samples.
+    """
+    from ..rollout.engine import Engine
+
+    eos = set(actor.cfg.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    engine = Engine(actor, eos_token_ids=sorted(eos), max_batch=max_batch, seed=seed)
+    requests = engine.make_requests([(i, p) for i, p in enumerate(prompts)], n=n_per_prompt,
+                                    max_new_tokens=max_new_tokens)
+    result = engine.generate(requests, SamplingParams(temperature=1.0))
+    return [Sample(r.request.prompt_ids + tuple(r.token_ids), len(r.request.prompt_ids)) for r in result.rollouts]
+
+
+@torch.no_grad()
+def teacher_force(
+    actor: Transformer, sequences: Sequence[Sample], feature_layers: Sequence[int], pad_id: int = 0
+) -> TeacherBatch:
+    """Pad `sequences` and run ONE actor forward over them for features and log-probs."""
+    B, T = len(sequences), max(len(s.tokens) for s in sequences)
+    dev = actor.device
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(B, T, dtype=torch.bool)
+    lengths = torch.tensor([len(s.tokens) for s in sequences])
+    for b, s in enumerate(sequences):
+        tokens[b, : len(s.tokens)] = torch.tensor(s.tokens)
+        loss_mask[b, s.prompt_len - 1 : len(s.tokens) - 1] = True  # predicts a response token (or eos)
+    tokens, loss_mask = tokens.to(dev), loss_mask.to(dev)
+    out = actor(tokens, hidden_layers=tuple(feature_layers))  # right padding: the causal mask hides it
+    # temperature 1 without truncation: what sampling.transform gives at SamplingParams(1.0), in log space
+    logprobs = out.logits.float().log_softmax(-1)  # (B, T, V)
+    return TeacherBatch(tokens, out.hidden, logprobs, loss_mask, lengths.to(dev))
+
+
+@torch.no_grad()
+def measure_acceptance(
+    actor: Transformer, head: EagleHead, prompts: Sequence[Sequence[int]], eos_token_ids: Sequence[int],
+    max_new_tokens: int, seed: int, k: int = 4,
+) -> float:
+    """Measured mean acceptance length tau (tokens per verify pass) of the head on `prompts`:
+    engine speculative decoding, static k, temperature 1."""
+    from ..rollout.engine import Engine, StaticK
+
+    was_training = head.training
+    head.eval()
+    engine = Engine(actor, eos_token_ids=eos_token_ids, drafter=EagleDrafter(head, actor), policy=StaticK(k),
+                    max_batch=64, seed=seed)
+    requests = engine.make_requests([(i, p) for i, p in enumerate(prompts)], n=1, max_new_tokens=max_new_tokens)
+    tau = engine.generate(requests, SamplingParams(temperature=1.0)).mean_accept_len
+    head.train(was_training)
+    return tau
+
+
+# ---- the command ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistillConfig:
+    model: str = _help("actor checkpoint directory the drafter is trained against; empty = the built-in actor", "")
+    data: str = _help("JSONL of prompts (rows with 'prompt' or 'prompt_ids'); empty = the built-in task's prompts", "")
+    output: str = _help("drafter directory to write (config.json + model.safetensors)", "")
+    max_steps: int = _help("optimizer steps", 300)
+    batch_size: int = _help("sequences per step", 16)
+    lr: float = _help("peak AdamW learning rate (linear warm-up, cosine decay to 10%)", 2e-3)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    depth: int = _help("training-time-test unroll steps (draft steps learned)", 3)
+    step_decay: float = _help("loss weight of unroll step s is step_decay**(s-1)", DEFAULT_STEP_DECAY)
+    num_prompts: int = _help("prompts per sample pool", 64)
+    samples_per_prompt: int = _help("actor samples per prompt (temperature 1)", 4)
+    refresh: int = _help("draw a fresh pool (new prompts, new samples) every N steps; 0 = one fixed pool", 40)
+    max_new_tokens: int = _help("generation budget per sample (pools and held-out measurement)", 320)
+    eval_prompts: int = _help("held-out prompts for measured acceptance before/after (0 = skip)", 16)
+    seed: int = _help("head initialisation, sampling and batch-order seed", 0)
+
+    def validate(self) -> None:
+        if not self.output:
+            raise ConfigValueError("output is required (--output DRAFTER_DIR)")
+        for key in ("max_steps", "batch_size", "depth", "num_prompts", "samples_per_prompt", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("refresh", "eval_prompts"):
+            if getattr(self, key) < 0:
+                raise ConfigValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (0 < self.step_decay <= 1):
+            raise ConfigValueError(f"step_decay must be in (0, 1], got {self.step_decay}")
+
+
+@dataclass
+class DistillReport:
+    output: Path
+    actor: Path
+    steps: int
+    tau_before: float | None  # measured mean acceptance length on held-out prompts (k=4, temperature 1)
+    tau_after: float | None
+    final: dict  # distill_loss stats of the last step
+    train_s: float
+    wall_s: float
+
+
+class _Prompts:
+    """Training prompts (token ids) served in consecutive slices, and the held-out ones."""
+
+    def __init__(self, cfg: DistillConfig, tokenizer) -> None:
+        self._cursor = 0
+        if not cfg.data:
+            from ..tasks.arithmetic import ArithmeticTask
+
+            if tokenizer is None:
+                raise ConfigValueError("the built-in task's prompts need the actor's tokenizer.json")
+            self._task = ArithmeticTask()
+            self._tok = tokenizer
+            self._rows = None
+            self.heldout = [tokenizer.encode(p.prompt) for p in self._task.heldout(cfg.eval_prompts)]
+            return
+        from ..io import DataError, read_jsonl
+
+        def check(row: dict) -> None:
+            ids = row.get("prompt_ids")
+            if ids is not None:
+                if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise DataError("'prompt_ids' must be a non-empty list of integers")
+            elif not isinstance(row.get("prompt"), str) or not row["prompt"]:
+                raise DataError("missing field 'prompt' (non-empty string) or 'prompt_ids'")
+            elif tokenizer is None:
+                raise DataError("text prompt but the actor has no tokenizer.json")
+
+        rows = [r for _, r in read_jsonl(cfg.data, check).rows]
+        ids = [r["prompt_ids"] if "prompt_ids" in r else tokenizer.encode(r["prompt"]) for r in rows]
+        if len(ids) <= cfg.eval_prompts:
+            raise DataError(f"{cfg.data}: {len(ids)} prompts, need more than eval_prompts={cfg.eval_prompts} "
+                            f"(the last eval_prompts rows are held out)")
+        cut = len(ids) - cfg.eval_prompts
+        self._rows, self.heldout = ids[:cut], ids[cut:]
+
+    def next(self, count: int) -> list[list[int]]:
+        start, self._cursor = self._cursor, self._cursor + count
+        if self._rows is None:
+            return [self._tok.encode(p.prompt) for p in self._task.problems(start, count)]
+        return [self._rows[(start + i) % len(self._rows)] for i in range(count)]
+
+
+def _lr_at(step: int, cfg: DistillConfig) -> float:
+    warmup = max(1, cfg.max_steps // 20)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillReport:
+    """Distil a fresh EAGLE head against the actor and save it to cfg.output (atomically)."""
+    from ..models import load_pretrained
+    from ..tasks.pretrain import _Bar
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    if cfg.model:
+        actor_dir = Path(cfg.model)
+    else:
+        from ..tasks.pretrain import ensure_builtin_actor
+
+        actor_dir = ensure_builtin_actor()
+    pre = load_pretrained(actor_dir, dtype=torch.float32)
+    actor, tok = pre.model, pre.tokenizer
+    actor.requires_grad_(False)  # frozen: only the head trains (its shared embed/LM head are read detached)
+    eos = sorted(set(pre.eos_token_ids))
+    pad_id = actor.cfg.pad_token_id if actor.cfg.pad_token_id is not None else 0
+    prompts = _Prompts(cfg, tok)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    head = EagleHead(EagleConfig.for_target(actor.cfg, actor=str(actor_dir.resolve()))).init_weights(gen)
+    head.to(actor.device)
+
+    def tau() -> float | None:
+        if not prompts.heldout:
+            return None
+        return measure_acceptance(actor, head, prompts.heldout, eos, cfg.max_new_tokens, seed=cfg.seed + 1)
+
+    tau_before = tau()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    order = random.Random(cfg.seed)
+    bar = _Bar(cfg.max_steps, "distill", progress)
+    pool: list[Sample] = []
+    queue: list[int] = []
+    stats: dict = {}
+    ema = None
+    t_train = time.perf_counter()
+    head.train()
+    for step in range(cfg.max_steps):
+        if step == 0 or (cfg.refresh and step % cfg.refresh == 0):
+            pool = collect_samples(actor, tok, prompts.next(cfg.num_prompts), cfg.samples_per_prompt,
+                                   cfg.max_new_tokens, seed=cfg.seed + 1000 + step)
+            queue = []
+        if len(queue) < cfg.batch_size:  # a new epoch over the pool, reshuffled
+            idx = list(range(len(pool)))
+            order.shuffle(idx)
+            queue += idx
+        batch, queue = [pool[i] for i in queue[: cfg.batch_size]], queue[cfg.batch_size:]
+        tb = teacher_force(actor, batch, head.cfg.feature_layers, pad_id=pad_id)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        loss, stats = distill_loss(head, actor, tb.tokens, tb.features, tb.logprobs, tb.loss_mask, cfg.depth,
+                                   step_decay=cfg.step_decay)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        a = stats["alpha"][0]
+        ema = a if ema is None else 0.9 * ema + 0.1 * a
+        bar.update(step + 1, f"loss {stats['loss']:.3f} alpha1 {ema:.3f}")
+    bar.close()
+    train_s = time.perf_counter() - t_train
+    head.eval()
+    tau_after = tau()
+    report = DistillReport(
+        output=Path(cfg.output), actor=actor_dir, steps=cfg.max_steps, tau_before=tau_before, tau_after=tau_after,
+        final=stats, train_s=train_s, wall_s=time.perf_counter() - t0,
+    )
+    meta = {"config": asdict(cfg), "actor": str(actor_dir.resolve()), "steps": cfg.max_steps,
+            "tau_before": tau_before, "tau_after": tau_after, "final": stats, "train_seconds": round(train_s, 1)}
+    save_eagle(head, cfg.output, extra_files={"respec_distill.json": json.dumps(meta, indent=2)})
+    return report
+
+
+def run_distill_cli(cfg: DistillConfig, args) -> int:
+    rep = run_distill(cfg, progress=sys.stderr.isatty())
+    final = rep.final
+    alphas = ", ".join(f"{a:.3f}" for a in final.get("alpha", []))
+    print(f"wrote {rep.output} (EAGLE head for actor {rep.actor}): {rep.steps} steps in {rep.train_s:.1f}s; "
+          f"last batch alpha per step [{alphas}]")
+    if rep.tau_before is not None:
+        print(f"held-out mean acceptance length (k=4, temperature 1): {rep.tau_before:.3f} -> {rep.tau_after:.3f}")
+    return 0

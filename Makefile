@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine (both idempotent: the venv is made once, then reused):
-#   make train   - builds the embedded default (base model, cached) and runs the main job on it
+#   make demo    - builds the embedded default (built-in actor, cached) and runs the main job on it
+#                  (until `respec train` lands: build the actor, then generate from it)
 #   make test    - runs the test suite (CPU; gpu-marked tests are skipped without CUDA)
 PY      ?= python3
 VENV    ?= .venv
@@ -8,16 +9,19 @@ STAMP   := $(VENV)/.respec-installed
 # The CPU wheel of torch 2.13.0 is what this path pins; GPU users install their own torch first.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup train test bench clean-venv
+.PHONY: setup demo train test bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/respec pretrain
+	$(BIN)/respec generate --input builtin:16 --output runs/demo/generate.jsonl --max-new-tokens 400 --temperature 1
 
 train: $(STAMP)
 	$(BIN)/respec train $(ARGS)

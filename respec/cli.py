@@ -33,8 +33,33 @@ def _run_generate(cfg: C.GenerateConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+_BENCHES = {
+    "decode": ("plain decoding tokens/s, respec vs transformers generate", "respec.bench.decode"),
+    "rollout": ("plain vs speculative rollouts on the built-in actor (batch sweep, k sweep, whole rollouts)", "respec.bench.rollout"),
+    "lossless": ("the pooled losslessness test at >= 10^6 tokens over 20 seeds", "respec.bench.lossless"),
+}
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    import importlib
+
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (help_text, module) in _BENCHES.items():
+        bp = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_args(bp)
+
+
+def _run_bench(cfg, args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(_BENCHES[args.bench][1]).run(args)
+
+
 def _commands() -> list[_Command]:
-    cmds = [_Command("generate", "plain or speculative decoding of a JSONL prompt file", C.GenerateConfig, _run_generate)]
+    cmds = [
+        _Command("generate", "plain or speculative decoding of a JSONL prompt file", C.GenerateConfig, _run_generate),
+        _Command("bench", "benchmarks (results under benchmarks/results/)", None, _run_bench, _bench_args),
+    ]
     try:
         from .tasks.pretrain import PretrainConfig, run_pretrain_cli
 

@@ -50,7 +50,7 @@ class SamplingConfig:
 @dataclass(frozen=True)
 class GenerateConfig:
     model: str = _help("HF-format checkpoint directory (Llama / Qwen2 / Qwen3); empty = the built-in actor", "")
-    input: str = _help("JSONL of {id, prompt} or {id, prompt_ids} rows", "")
+    input: str = _help("JSONL of {id, prompt} or {id, prompt_ids} rows, or builtin:N (N held-out task problems)", "")
     output: str = _help("JSONL written atomically: id, sample, prompt_ids, token_ids, text, logprobs, finish_reason", "")
     n: int = _help("samples per prompt", 1)
     max_new_tokens: int = _help("generation budget per sample", 128)

@@ -54,6 +54,18 @@ def _validate_row(row: dict[str, Any]) -> None:
         raise DataError("missing field 'prompt' or 'prompt_ids'")
 
 
+def _builtin_rows(spec: str):
+    """`builtin:N`: the first N held-out problems of the built-in arithmetic task as prompt rows."""
+    from .io import JsonlRows
+    from .tasks import ArithmeticTask
+
+    try:
+        n = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise DataError(f"input {spec!r}: expected builtin:N") from None
+    return JsonlRows(rows=[(i + 1, {"id": p.id, "prompt": p.prompt}) for i, p in enumerate(ArithmeticTask().heldout(n))])
+
+
 @dataclass
 class GenerateReport:
     rows: int
@@ -71,7 +83,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateReport:
     model_dir = cfg.model or str(builtin_actor_dir())
     pre = load_pretrained(model_dir, dtype=parse_dtype(cfg.dtype), device=cfg.device)
     model, tok = pre.model, pre.tokenizer
-    data = read_jsonl(cfg.input, _validate_row, cfg.on_bad_row)
+    data = _builtin_rows(cfg.input) if cfg.input.startswith("builtin:") else read_jsonl(cfg.input, _validate_row, cfg.on_bad_row)
     prompts: list[tuple[str, list[int]]] = []
     for lineno, row in data.rows:
         if "prompt_ids" in row:

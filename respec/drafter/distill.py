@@ -275,6 +275,23 @@ class _Prompts:
         return [self._rows[(start + i) % len(self._rows)] for i in range(count)]
 
 
+def _length_bucketed(pool: Sequence[Sample], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of batches (index lists): shuffle, sort windows of 8 batches by length, cut, shuffle.
+
+    Rows of similar length share a batch, so little compute goes to padding (the head's attention
+    in the unroll is quadratic in the padded length), while batch order stays random.
+    """
+    idx = list(range(len(pool)))
+    rng.shuffle(idx)
+    window = 8 * batch_size
+    batches = []
+    for w in range(0, len(idx), window):
+        chunk = sorted(idx[w : w + window], key=lambda i: len(pool[i].tokens))
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def _lr_at(step: int, cfg: DistillConfig) -> float:
     warmup = max(1, cfg.max_steps // 20)
     if step < warmup:
@@ -317,7 +334,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillReport:
     order = random.Random(cfg.seed)
     bar = _Bar(cfg.max_steps, "distill", progress)
     pool: list[Sample] = []
-    queue: list[int] = []
+    queue: list[list[int]] = []
     stats: dict = {}
     ema = None
     t_train = time.perf_counter()
@@ -327,12 +344,9 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillReport:
             pool = collect_samples(actor, tok, prompts.next(cfg.num_prompts), cfg.samples_per_prompt,
                                    cfg.max_new_tokens, seed=cfg.seed + 1000 + step)
             queue = []
-        if len(queue) < cfg.batch_size:  # a new epoch over the pool, reshuffled
-            idx = list(range(len(pool)))
-            order.shuffle(idx)
-            queue += idx
-        batch, queue = [pool[i] for i in queue[: cfg.batch_size]], queue[cfg.batch_size:]
-        tb = teacher_force(actor, batch, head.cfg.feature_layers, pad_id=pad_id)
+        if not queue:  # a new epoch over the pool
+            queue = _length_bucketed(pool, cfg.batch_size, order)
+        tb = teacher_force(actor, [pool[i] for i in queue.pop()], head.cfg.feature_layers, pad_id=pad_id)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         loss, stats = distill_loss(head, actor, tb.tokens, tb.features, tb.logprobs, tb.loss_mask, cfg.depth,

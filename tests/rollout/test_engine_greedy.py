@@ -62,7 +62,7 @@ def test_greedy_matches_transformers_generate(family, tmp_path):
 def test_ragged_rows_equal_each_row_alone():
     """Forced accept/reject mixes, budget clipping and stops mid-draft: batch == alone, token for
     token and log-prob for log-prob (randomness is keyed per request, never by batch slot)."""
-    from tests.rollout.test_engine_lossless import perturbed, tiny_lm
+    from respec.bench.lossless import perturbed, tiny_lm
 
     target = tiny_lm(0)
     drafter = DraftModelDrafter(perturbed(target, 0.08, 1))

@@ -17,110 +17,12 @@ import math
 import pytest
 import torch
 
+from respec.bench.lossless import ALPHA, K, pearson, perturbed, pooled_pvalues, run_pooled, tiny_lm
 from respec.drafter import DraftModelDrafter
-from respec.models import ModelConfig, Transformer
 from respec.rollout import engine as engine_mod
 from respec.rollout import rng, speculative
-from respec.rollout.engine import (
-    SOURCE_ACCEPTED, SOURCE_BONUS, SOURCE_RESAMPLED, Engine, Request, StaticK,
-)
+from respec.rollout.engine import SOURCE_ACCEPTED, SOURCE_BONUS, SOURCE_RESAMPLED, Engine, Request, StaticK
 from respec.rollout.sampling import SamplingParams, logprobs_of, transform
-
-ALPHA = 1e-3
-V = 12
-K = 3
-
-
-def tiny_lm(seed: int, std: float = 0.25, vocab: int = V) -> Transformer:
-    cfg = ModelConfig(arch="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, tie_word_embeddings=False)
-    return Transformer(cfg).init_weights(std=std, generator=torch.Generator().manual_seed(seed)).eval()
-
-
-def perturbed(model: Transformer, noise: float, seed: int) -> Transformer:
-    """A drafter that is close to, but not equal to, the target (acceptance well inside (0, 1))."""
-    draft = Transformer(model.cfg).eval()
-    draft.load_state_dict(model.state_dict())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * noise)
-    return draft
-
-
-def chi2_sf(x: float, df: int) -> float:
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(x / 2, dtype=torch.float64)))
-
-
-def pearson(observed: torch.Tensor, expected: torch.Tensor, min_expected: float = 5.0) -> float:
-    """p-value of Pearson's statistic after merging tail cells until each expects >= min_expected."""
-    obs, exp = [], []
-    o_acc = e_acc = 0.0
-    for o, e in zip(observed.tolist(), expected.tolist()):
-        o_acc, e_acc = o_acc + o, e_acc + e
-        if e_acc >= min_expected:
-            obs.append(o_acc), exp.append(e_acc)
-            o_acc = e_acc = 0.0
-    if e_acc > 0 and exp:
-        obs[-1] += o_acc
-        exp[-1] += e_acc
-    if len(exp) < 2:
-        return 1.0
-    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
-    return chi2_sf(stat, len(exp) - 1)
-
-
-@torch.no_grad()
-def teacher_forced(model: Transformer, rollouts, sampling: SamplingParams):
-    """Per emitted token: (exact transformed target distribution (V,), token, slot, source, logprob)."""
-    rows = []
-    for r in rollouts:
-        seq = torch.tensor(list(r.request.prompt_ids) + r.token_ids)
-        logits = model(seq[None]).logits[0]  # (T, V)
-        P = len(r.request.prompt_ids)
-        probs = transform(logits[P - 1 : P - 1 + len(r.token_ids)].double(), sampling).probs
-        for i, tok in enumerate(r.token_ids):
-            rows.append((probs[i], tok, r.round_slots[i], r.sources[i], r.logprobs[i]))
-    return rows
-
-
-def pooled_pvalues(rows, seed: int = 0) -> dict[str, float]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for slot in sorted({s for _, _, s, _, _ in rows}):
-        sel = [(p, t) for p, t, s, _, _ in rows if s == slot]
-        probs = torch.stack([p for p, _ in sel])  # (N, V)
-        toks = torch.tensor([t for _, t in sel])
-        # rank test
-        order = probs.argsort(dim=-1, descending=True, stable=True)
-        rank = (order == toks[:, None]).float().argmax(-1)
-        expected = probs.gather(-1, order).sum(0)
-        observed = torch.bincount(rank, minlength=probs.shape[-1]).double()
-        out[f"rank@{slot}"] = pearson(observed, expected)
-        # randomized PIT in token-id order
-        cdf_before = probs.cumsum(-1).gather(-1, toks[:, None])[:, 0] - probs.gather(-1, toks[:, None])[:, 0]
-        v = torch.rand(len(sel), generator=g, dtype=torch.float64)
-        pit = cdf_before + v * probs.gather(-1, toks[:, None])[:, 0]
-        bins = torch.bincount((pit * 10).clamp(0, 9.999).long(), minlength=10).double()
-        out[f"pit@{slot}"] = pearson(bins, torch.full((10,), len(sel) / 10.0, dtype=torch.float64))
-    return out
-
-
-def make_requests(n_rows: int, max_new: int, seed: int = 0) -> list[Request]:
-    g = torch.Generator().manual_seed(seed)
-    reqs = []
-    for i in range(n_rows):
-        plen = 1 + int(torch.randint(1, 7, (1,), generator=g))
-        prompt = tuple(torch.randint(0, V, (plen,), generator=g).tolist())
-        reqs.append(Request(f"p{i}", prompt, 0, max_new))
-    return reqs
-
-
-def run_pooled(target, drafter, sampling, n_rows=256, max_new=24, eos=(), seed=7):
-    eng = Engine(target, eos_token_ids=eos, drafter=drafter, policy=StaticK(K), max_batch=64, seed=seed)
-    res = eng.generate(make_requests(n_rows, max_new, seed), sampling)
-    return res, teacher_forced(target, res.rollouts, sampling)
-
 
 SETTINGS = {
     "t1": SamplingParams(1.0),

@@ -1,0 +1,109 @@
+"""The measurement protocol every respec benchmark follows.
+
+  * Configurations compared are run interleaved in one process (A B C A B C ...), at least 5
+    repetitions each, after one untimed warm-up of each, so drift on a shared machine hits all of
+    them alike.
+  * Every ratio is reported as the ratio of medians with a bootstrap 95% interval (resampling each
+    configuration's repetitions independently, 2000 draws, fixed seed).
+  * Results name the device, dtype, thread count, library versions and the exact command line.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Ratio:
+    median: float
+    lo: float
+    hi: float
+
+    def fmt(self) -> str:
+        return f"{self.median:.2f}x [{self.lo:.2f}, {self.hi:.2f}]"
+
+    def as_dict(self) -> dict:
+        return {"median": round(self.median, 4), "ci95": [round(self.lo, 4), round(self.hi, 4)]}
+
+
+def ratio_ci(num: list[float], den: list[float], draws: int = 2000, seed: int = 0) -> Ratio:
+    """median(num)/median(den) with a bootstrap 95% interval."""
+    rng = random.Random(seed)
+    point = statistics.median(num) / statistics.median(den)
+    boots = sorted(
+        statistics.median(rng.choices(num, k=len(num))) / statistics.median(rng.choices(den, k=len(den)))
+        for _ in range(draws)
+    )
+    return Ratio(point, boots[int(0.025 * draws)], boots[int(0.975 * draws) - 1])
+
+
+def interleaved(runs: dict[str, Callable[[], float]], reps: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+    """Run each callable (returning a measured figure, e.g. tokens/s) interleaved `reps` times."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            out[name].append(fn())
+    return out
+
+
+def timed(fn: Callable[[], int]) -> float:
+    """Tokens per second of one call of fn (which returns the number of tokens it produced)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    n = fn()
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
+def device_info(device: str = "cpu") -> dict:
+    info = {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "command": " ".join(sys.argv),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name()
+    else:
+        info["device_name"] = _cpu_name()
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def write_results(stem: Path, payload: dict, table_md: str) -> None:
+    from ..io import atomic_write_text
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), table_md)

@@ -295,13 +295,17 @@ class _BatchState:
         k_row = torch.clamp(remaining - 1, max=k)  # (B,)
         k = int(k_row.max())
 
+        # every uniform of the round in one hash evaluation: drafts and accept tests for positions
+        # L+1..L+k, and the resampled/bonus token at emitted slot j (position L+1+j)
+        pos = L[:, None] + 1 + torch.arange(k + 1, device=dev)  # (B, k+1)
+        lanes = torch.tensor([rng.LANE_DRAFT] * k + [rng.LANE_ACCEPT] * k + [rng.LANE_SAMPLE] * (k + 1), device=dev)
+        u = rng.uniforms(self.keys[:B], torch.cat([pos[:, :k], pos[:, :k], pos], dim=1), lanes)
+        u_draft, u_accept, u_sample = u.split([k, k, k + 1], dim=1)
+
         t_draft = time.perf_counter()
         fallback = 0
         if k > 0:
-            u_draft = rng.uniforms(self.keys[:B], L[:, None] + 1 + torch.arange(k, device=dev), rng.LANE_DRAFT)
-            prop = e.drafter.propose(
-                _ctx(self, B), k, self.sampling, u_draft,
-            )
+            prop = e.drafter.propose(_ctx(self, B), k, self.sampling, u_draft)
             fallback = int((~prop.ok).sum())
             k_row = torch.where(prop.ok, k_row, torch.zeros_like(k_row))
             self.draft_len[:B] = prop.committed_len
@@ -318,9 +322,6 @@ class _BatchState:
         check_finite(out.logits, "target logits")
         tr = transform(out.logits.float(), self.sampling, validate=False)
         target_probs = tr.probs  # (B, k+1, V) fp32
-        u_accept = rng.uniforms(self.keys[:B], L[:, None] + 1 + torch.arange(k, device=dev), rng.LANE_ACCEPT)
-        # the resampled/bonus token at emitted slot j (position L+1+j) uses (LANE_SAMPLE, L+1+j)
-        u_sample = rng.uniforms(self.keys[:B], L[:, None] + 1 + torch.arange(k + 1, device=dev), rng.LANE_SAMPLE)
         verdict = verify_drafts(target_probs, draft_probs, drafts, u_accept, u_sample, draft_len=k_row)
         t_done = time.perf_counter()
         self._commit(B, L, k, k_row, verdict, target_probs, tr.nucleus_size, out.hidden, fallback,

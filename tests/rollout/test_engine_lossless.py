@@ -65,7 +65,8 @@ def broken(variant: str):
         real = rng.uniforms
 
         def uniforms(keys, positions, lane):  # the resample reuses the accept test's uniform
-            return real(keys, positions, rng.LANE_ACCEPT if lane == rng.LANE_SAMPLE else lane)
+            lane = torch.as_tensor(lane)
+            return real(keys, positions, torch.where(lane == rng.LANE_SAMPLE, rng.LANE_ACCEPT, lane))
 
         mp.setattr(engine_mod.rng, "uniforms", uniforms)
     elif variant == "bonus_from_slot_k":

@@ -256,3 +256,139 @@ def to_toml(obj: Any) -> str:
 
     emit(dataclasses.asdict(obj), "")
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+# ---- RL training (`respec train`) ----------------------------------------------------------------
+# Sections of TrainConfig; `--rollout.group_size 8` on the command line, `[rollout] group_size = 8`
+# in TOML. The trainer (respec/rl) reads these and never restates a default.
+@dataclass(frozen=True)
+class TrainDataConfig:
+    dataset: str = _help("prompt file (.jsonl / .json / .parquet, TRL format); empty = the built-in arithmetic task", "")
+    prompt_field: str = _help("column holding the prompt text", "prompt")
+    answer_field: str = _help("column renamed to 'answer' (what the built-in exact_answer reward reads)", "answer")
+    chat_template: bool = _help("apply the checkpoint's chat template to text prompts", False)
+    task_seed: int = _help("seed of the built-in task's problem stream and held-out set", 0)
+
+
+@dataclass(frozen=True)
+class TrainRolloutConfig:
+    prompts_per_step: int = _help("prompts sampled per training step", 16)
+    group_size: int = _help("responses per prompt (G); advantages are computed within each group", 8)
+    max_new_tokens: int = _help("response budget; longer responses are cut (finish_reason 'length')", 400)
+    temperature: float = _help("sampling temperature of the rollouts (> 0: the policy being trained)", 1.0)
+    top_p: float = _help("nucleus mass of the rollouts (1 = off); the loss uses the recorded nucleus sizes", 1.0)
+    top_k: int = _help("top-k of the rollouts (0 = off)", 0)
+    spec: str = _help("speculative rollouts: off | K (static draft length 1..16; needs rollout.drafter)", "off")
+    drafter: str = _help("drafter directory (EAGLE head or draft LM checkpoint) for rollout.spec", "")
+    max_batch: int = _help("maximum rows the engine decodes together", 128)
+
+
+@dataclass(frozen=True)
+class TrainRLConfig:
+    advantage: str = _help("grpo (group mean-centred / group std) | dr_grpo (mean-centred / constant)", "grpo")
+    std_eps: float = _help("grpo: added to the group std before dividing", 1e-6)
+    dr_grpo_scale: float = _help("dr_grpo: the constant the centred rewards are divided by", 1.0)
+    aggregation: str = _help(
+        "loss averaging: token (sum over all tokens / total tokens, DAPO) | sequence (mean per sequence, "
+        "then mean) | constant (sum over tokens / (sequences * max_new_tokens), Dr.GRPO)", "token")
+    clip_low: float = _help("ratio clip below: 1 - clip_low", 0.2)
+    clip_high: float = _help("ratio clip above: 1 + clip_high (DAPO clip-higher uses 0.28)", 0.2)
+    kl_beta: float = _help("weight of the k3 KL penalty to the frozen initial policy; 0 = no reference model", 0.0)
+    epochs: int = _help("updates per rollout batch (mu): passes over the batch", 1)
+    old_logprobs: str = _help(
+        "behaviour log-probs for the ratio: engine (recorded by the rollout, no extra forward) | "
+        "recompute (one no-grad forward with the training graph)", "engine")
+    rewards: tuple[str, ...] = _help(
+        "reward functions: built-in names (exact_answer) or import paths 'pkg.mod:fn' / 'file.py:fn'", ("exact_answer",))
+    reward_weights: tuple[float, ...] = _help("one weight per reward function; empty = all 1", ())
+    pass_threshold: float = _help("a response passes when its total reward >= this (pass rate metrics)", 1.0)
+
+
+@dataclass(frozen=True)
+class TrainOptimConfig:
+    lr: float = _help("peak AdamW learning rate", 1e-4)
+    schedule: str = _help("after warm-up: cosine (down to min_lr_ratio * lr at the last step) | constant", "cosine")
+    warmup_steps: int = _help("linear warm-up, in training steps", 10)
+    min_lr_ratio: float = _help("cosine floor as a fraction of lr", 0.1)
+    weight_decay: float = _help("AdamW weight decay (matrices only, not norms/biases)", 0.0)
+    beta1: float = _help("AdamW beta1", 0.9)
+    beta2: float = _help("AdamW beta2", 0.99)
+    max_grad_norm: float = _help("clip the global gradient norm to this; 0 = no clipping (norm still logged)", 1.0)
+    minibatch_size: int = _help("sequences per optimizer update; 0 = the whole rollout batch", 64)
+    micro_batch_size: int = _help("sequences per forward/backward (gradient accumulation within a minibatch)", 16)
+
+
+@dataclass(frozen=True)
+class TrainEvalConfig:
+    every: int = _help("evaluate every N steps (also before the first and after the last); 0 = only those two", 50)
+    heldout: int = _help("held-out prompts scored (built-in task: its fixed held-out set)", 500)
+    dataset: str = _help("held-out prompt file when data.dataset is set; empty = no held-out evaluation", "")
+    max_new_tokens: int = _help("response budget at evaluation; 0 = rollout.max_new_tokens", 0)
+
+
+@dataclass(frozen=True)
+class TrainOutputConfig:
+    dir: str = _help("run directory; empty = runs/<timestamp>", "")
+    tensorboard: bool = _help("also write TensorBoard scalars (needs the tensorboard package)", True)
+    save_actor: bool = _help("save the trained actor (HF format) in <dir>/actor at the end", True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = _help("actor checkpoint (HF format); empty = the built-in actor", "")
+    steps: int = _help("training steps (one rollout batch each)", 200)
+    seed: int = _help("run seed: prompts, sampling and minibatch order derive from (seed, step, purpose)", 0)
+    device: str = _help("cpu | cuda", "cpu")
+    data: TrainDataConfig = _section(TrainDataConfig, "prompts")
+    rollout: TrainRolloutConfig = _section(TrainRolloutConfig, "generation of the training rollouts")
+    rl: TrainRLConfig = _section(TrainRLConfig, "advantages, loss and rewards")
+    optim: TrainOptimConfig = _section(TrainOptimConfig, "optimizer and schedule")
+    eval: TrainEvalConfig = _section(TrainEvalConfig, "held-out evaluation")
+    output: TrainOutputConfig = _section(TrainOutputConfig, "run directory and logs")
+
+    def validate(self) -> None:
+        """Raise ConfigValueError naming the first invalid key (dotted, as on the command line)."""
+        def need(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                section, _, name = key.rpartition(".")
+                value = getattr(getattr(self, section) if section else self, name)
+                raise ConfigValueError(f"{key} must be {rule}, got {value!r}")
+
+        r, rl, o, e = self.rollout, self.rl, self.optim, self.eval
+        need(self.steps >= 1, "steps", ">= 1")
+        need(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), "device", "cpu or cuda")
+        need(r.prompts_per_step >= 1, "rollout.prompts_per_step", ">= 1")
+        need(r.group_size >= 2, "rollout.group_size", ">= 2 (advantages compare responses within a group)")
+        need(r.max_new_tokens >= 1, "rollout.max_new_tokens", ">= 1")
+        need(0 < r.temperature < float("inf"), "rollout.temperature", "a finite number > 0 (greedy rollouts have no gradient)")
+        need(0 < r.top_p <= 1, "rollout.top_p", "in (0, 1]")
+        need(r.top_k >= 0, "rollout.top_k", ">= 0")
+        spec = parse_spec(r.spec, "rollout.spec")
+        need(spec != "adaptive", "rollout.spec", "off or a static K for now (inject an adaptive policy into the Engine)")
+        need(not spec or bool(r.drafter), "rollout.drafter", "a drafter directory when rollout.spec is not off")
+        need(r.max_batch >= 1, "rollout.max_batch", ">= 1")
+        need(rl.advantage in ("grpo", "dr_grpo"), "rl.advantage", "grpo or dr_grpo")
+        need(rl.std_eps >= 0, "rl.std_eps", ">= 0")
+        need(rl.dr_grpo_scale > 0, "rl.dr_grpo_scale", "> 0")
+        need(rl.aggregation in ("token", "sequence", "constant"), "rl.aggregation", "token, sequence or constant")
+        need(0 <= rl.clip_low < 1, "rl.clip_low", "in [0, 1)")
+        need(rl.clip_high >= 0, "rl.clip_high", ">= 0")
+        need(rl.kl_beta >= 0, "rl.kl_beta", ">= 0")
+        need(rl.epochs >= 1, "rl.epochs", ">= 1")
+        need(rl.old_logprobs in ("engine", "recompute"), "rl.old_logprobs", "engine or recompute")
+        need(len(rl.rewards) >= 1, "rl.rewards", "at least one reward function")
+        need(not rl.reward_weights or len(rl.reward_weights) == len(rl.rewards), "rl.reward_weights",
+             f"empty or one weight per reward function ({len(rl.rewards)})")
+        need(o.lr > 0, "optim.lr", "> 0")
+        need(o.schedule in ("cosine", "constant"), "optim.schedule", "cosine or constant")
+        need(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
+        need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]")
+        need(o.weight_decay >= 0, "optim.weight_decay", ">= 0")
+        need(0 <= o.beta1 < 1, "optim.beta1", "in [0, 1)")
+        need(0 <= o.beta2 < 1, "optim.beta2", "in [0, 1)")
+        need(o.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0")
+        need(o.minibatch_size >= 0, "optim.minibatch_size", ">= 0")
+        need(o.micro_batch_size >= 1, "optim.micro_batch_size", ">= 1")
+        need(e.every >= 0, "eval.every", ">= 0")
+        need(e.heldout >= 0, "eval.heldout", ">= 0")
+        need(e.max_new_tokens >= 0, "eval.max_new_tokens", ">= 0")

@@ -93,6 +93,8 @@ class RoundStats:
     emitted: int  # tokens committed (accepted drafts + resampled/bonus)
     accepted_at: list[int]  # (k,) rows whose draft at position j+1 was accepted
     drafted_at: list[int]  # (k,) rows that had a draft at position j+1
+    drafted_per_row: list[int]  # (active,) drafts verified per row (k_b)
+    accepted_per_row: list[int]  # (active,) accepted drafts per row (cut at a stop token)
     fallback_rows: int  # rows whose drafter gave non-finite logits (ran plain this round)
     draft_s: float
     verify_s: float
@@ -160,7 +162,7 @@ class Engine:
         max_context: int | None = None,
         seed: int = 0,
         capture: CaptureFn | None = None,
-        capture_features: bool | None = None,
+        feature_layers: Sequence[int] | None = None,
     ) -> None:
         self.model = model  # the live actor: the trainer updates it in place, no stale copy
         self.eos = torch.tensor(sorted(set(eos_token_ids)) or [-1], dtype=torch.long, device=model.device)
@@ -170,9 +172,10 @@ class Engine:
         self.max_context = max_context or model.cfg.max_position_embeddings
         self.seed = seed
         self.capture = capture
-        layers = tuple(getattr(drafter, "feature_layers", ()) or ())
-        self.feature_layers = layers
-        self.capture_features = bool(layers) if capture_features is None else capture_features
+        # target layers whose outputs are kept per committed position: what the drafter consumes
+        # (also in plain iterations, so a drafter switched on later can catch up), or what a
+        # capture hook asks for without a drafter
+        self.feature_layers = tuple(feature_layers if feature_layers is not None else getattr(drafter, "feature_layers", ()))
 
     # ---- public API -----------------------------------------------------------------------------
     def make_requests(
@@ -225,7 +228,7 @@ class _BatchState:
         self.cache = model.new_cache(rows, self.T)
         self.tokens = torch.zeros(rows, self.T, dtype=torch.long, device=dev)  # (S, T)
         self.features = None
-        if engine.capture_features and engine.feature_layers:
+        if engine.feature_layers:
             F = len(engine.feature_layers) * model.cfg.hidden_size
             self.features = torch.zeros(rows, self.T, F, dtype=model.dtype, device=dev)  # (S, T, F)
         self.target_len = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -379,6 +382,7 @@ class _BatchState:
         stats = RoundStats(
             active=B, k=k, drafted=sum(k_row_l), accepted=sum(min(a, m) for a, m in zip(n_acc_l, n_emit_l)),
             emitted=sum(n_emit_l), accepted_at=acc_at, drafted_at=drf_at, fallback_rows=fallback,
+            drafted_per_row=k_row_l, accepted_per_row=[min(a, m) for a, m in zip(n_acc_l, n_emit_l)],
             draft_s=draft_s, verify_s=verify_s,
         )
         self.rounds.append(stats)

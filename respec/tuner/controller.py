@@ -1,0 +1,163 @@
+"""Adaptive speculation: choose plain decoding or a draft length k for every decode iteration.
+
+Plain Python, deterministic, no torch: the controller sees only a cost profile (measured once per
+device / model / dtype, see profile.py) and acceptance counts reported by the engine, so the same
+inputs always give the same decisions (the reproducible mode: live timings are never read).
+
+    throughput(B, 0) = B / C_verify(B, 1)
+    throughput(B, k) = B * tau(k) / (k * C_draft(B) + C_verify(B, k + 1) + C_round(B))
+    tau(k)           = 1 + sum_{j<k} prod_{i<=j} alpha_i          (expected tokens per row per round)
+
+alpha_j is the acceptance rate of draft position j given every earlier draft was accepted, an
+exponentially weighted average of the engine's counts (it follows the drafter as it learns and the
+actor as it changes). Costs between profiled batch sizes are interpolated linearly in log2(B).
+
+Oscillation is damped two ways (SGLang's adaptive speculation uses the same ideas): a new choice
+must beat the current one's predicted throughput by `switch_margin`, and a choice is held for at
+least `min_dwell` iterations unless the active batch has crossed a profiled grid point since.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CostProfile:
+    """Measured latencies in seconds: verify[B][q] (q query tokens per row), draft[B] (one drafter
+    step for B rows), round_overhead[B] (sampling/bookkeeping per speculative round)."""
+
+    batch_sizes: list[int]
+    verify: dict[int, dict[int, float]]
+    draft: dict[int, float]
+    round_overhead: dict[int, float] = field(default_factory=dict)
+    device: str = ""
+    model: str = ""
+    dtype: str = ""
+
+    def _interp(self, table: dict[int, float], B: int) -> float:
+        bs = sorted(table)
+        if B <= bs[0]:
+            return table[bs[0]]
+        if B >= bs[-1]:  # extrapolate linearly in B beyond the largest profiled batch
+            return table[bs[-1]] * B / bs[-1]
+        for lo, hi in zip(bs, bs[1:]):
+            if lo <= B <= hi:
+                t = (math.log2(B) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+                return table[lo] * (1 - t) + table[hi] * t
+        raise AssertionError("unreachable")
+
+    def verify_cost(self, B: int, q: int) -> float:
+        return self._interp({b: v[q] for b, v in self.verify.items() if q in v}, B)
+
+    def draft_cost(self, B: int) -> float:
+        return self._interp(self.draft, B)
+
+    def round_cost(self, B: int) -> float:
+        return self._interp(self.round_overhead, B) if self.round_overhead else 0.0
+
+    @property
+    def max_k(self) -> int:
+        return min(max(v) for v in self.verify.values()) - 1
+
+    def to_dict(self) -> dict:
+        return {"batch_sizes": self.batch_sizes, "verify": {str(b): {str(q): t for q, t in v.items()} for b, v in self.verify.items()},
+                "draft": {str(b): t for b, t in self.draft.items()},
+                "round_overhead": {str(b): t for b, t in self.round_overhead.items()},
+                "device": self.device, "model": self.model, "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostProfile":
+        return cls(batch_sizes=[int(b) for b in d["batch_sizes"]],
+                   verify={int(b): {int(q): float(t) for q, t in v.items()} for b, v in d["verify"].items()},
+                   draft={int(b): float(t) for b, t in d["draft"].items()},
+                   round_overhead={int(b): float(t) for b, t in d.get("round_overhead", {}).items()},
+                   device=d.get("device", ""), model=d.get("model", ""), dtype=d.get("dtype", ""))
+
+
+@dataclass
+class AcceptanceModel:
+    """Per-position conditional acceptance, exponentially weighted over verify rounds."""
+
+    max_k: int = 8
+    decay: float = 0.95  # weight of history per update (SGLang-style EMA)
+    prior: float = 0.6  # alpha assumed before any evidence
+    prior_weight: float = 8.0  # pseudo-count of the prior
+    accepted: list[float] = field(default_factory=list)
+    reached: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.accepted:
+            self.accepted = [self.prior * self.prior_weight] * self.max_k
+            self.reached = [self.prior_weight] * self.max_k
+
+    def update(self, accepted_at: list[int], drafted_at: list[int]) -> None:
+        """Counts from one round: accepted_at[j] rows accepted draft j; drafted_at[j] rows had it.
+        Rows that reached position j = those that accepted every earlier draft (and had draft j)."""
+        for j in range(min(len(drafted_at), self.max_k)):
+            reached = drafted_at[j] if j == 0 else min(accepted_at[j - 1], drafted_at[j])
+            if reached == 0:
+                continue
+            self.accepted[j] = self.decay * self.accepted[j] + accepted_at[j]
+            self.reached[j] = self.decay * self.reached[j] + reached
+
+    def alpha(self, j: int) -> float:
+        return self.accepted[j] / self.reached[j] if self.reached[j] > 0 else self.prior
+
+    def tau(self, k: int) -> float:
+        total, run = 1.0, 1.0
+        for j in range(k):
+            run *= self.alpha(j)
+            total += run
+        return total
+
+    def state(self) -> dict:
+        return {"accepted": list(self.accepted), "reached": list(self.reached)}
+
+    def load_state(self, s: dict) -> None:
+        self.accepted, self.reached = list(s["accepted"]), list(s["reached"])
+
+
+@dataclass
+class AdaptiveK:
+    """The engine's SpecPolicy for `spec = adaptive`."""
+
+    profile: CostProfile
+    acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
+    max_k: int = 8
+    switch_margin: float = 0.05
+    min_dwell: int = 4
+    current: int = -1  # -1: nothing chosen yet
+    dwell: int = 0
+    last_batch: int = 0
+    decisions: list[tuple[int, int]] = field(default_factory=list)  # (active batch, k) per iteration
+
+    def predicted_throughput(self, B: int, k: int) -> float:
+        if k == 0:
+            return B / self.profile.verify_cost(B, 1)
+        cost = k * self.profile.draft_cost(B) + self.profile.verify_cost(B, k + 1) + self.profile.round_cost(B)
+        return B * self.acceptance.tau(k) / cost
+
+    def best(self, B: int) -> int:
+        ks = range(0, min(self.max_k, self.profile.max_k, self.acceptance.max_k) + 1)
+        return max(ks, key=lambda k: (self.predicted_throughput(B, k), -k))
+
+    def choose(self, active: int) -> int:
+        best = self.best(active)
+        crossed = self._grid_cell(active) != self._grid_cell(self.last_batch)
+        if self.current < 0 or crossed or self.dwell >= self.min_dwell:
+            gain = self.predicted_throughput(active, best) / self.predicted_throughput(active, max(self.current, 0))
+            if self.current < 0 or (best != self.current and gain > 1 + self.switch_margin):
+                self.current, self.dwell = best, 0
+        self.dwell += 1
+        self.last_batch = active
+        self.decisions.append((active, self.current))
+        return self.current
+
+    def observe(self, stats) -> None:
+        if stats.k > 0:
+            self.acceptance.update(stats.accepted_at, stats.drafted_at)
+
+    def _grid_cell(self, B: int) -> int:
+        return sum(1 for b in self.profile.batch_sizes if b <= B)

@@ -1,0 +1,90 @@
+"""The adaptive controller on synthetic cost and acceptance streams: on at small batches, off at
+large ones, no oscillation, and it follows acceptance as it changes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from respec.tuner import AcceptanceModel, AdaptiveK, CostProfile
+
+GRID = [1, 2, 4, 8, 16, 32, 64]
+
+
+def cpu_like_profile() -> CostProfile:
+    """Verify cost grows with batch x query tokens (as measured on this CPU: q=5 costs ~1.2x q=1 at
+    batch 1 and ~3x at batch 64); a drafter step costs ~12% of a plain step."""
+    verify = {B: {q: 0.004 + 0.00015 * B * q + 0.0002 * q for q in range(1, 10)} for B in GRID}
+    draft = {B: 0.12 * verify[B][1] for B in GRID}
+    return CostProfile(GRID, verify, draft)
+
+
+def rounds(controller: AdaptiveK, alpha: float, n: int, B: int, k_seen: int = 8):
+    """Feed n rounds whose drafts are accepted i.i.d. with probability alpha (expected counts)."""
+    for _ in range(n):
+        k = controller.choose(B)
+        kk = max(k, k_seen)  # also report deep positions so the model learns them
+        drafted = [B] * kk
+        accepted = [round(B * alpha ** (j + 1)) for j in range(kk)]
+        controller.observe(SimpleNamespace(k=kk, accepted_at=accepted, drafted_at=drafted))
+
+
+def test_on_at_small_batches_off_at_large():
+    c = AdaptiveK(cpu_like_profile())
+    rounds(c, 0.8, 30, B=64)
+    assert c.choose(1) >= 3
+    assert AdaptiveK(cpu_like_profile(), acceptance=c.acceptance).best(64) == 0
+    assert AdaptiveK(cpu_like_profile(), acceptance=c.acceptance).best(128) == 0
+
+
+def test_poor_acceptance_turns_speculation_off_everywhere():
+    c = AdaptiveK(cpu_like_profile())
+    rounds(c, 0.1, 40, B=4)
+    assert all(c.best(B) == 0 for B in GRID)
+
+
+def test_follows_acceptance_as_it_changes():
+    c = AdaptiveK(cpu_like_profile())
+    rounds(c, 0.2, 40, B=2)
+    low = c.best(2)
+    rounds(c, 0.9, 80, B=2)
+    assert c.best(2) > low
+
+
+def count_switches(controller: AdaptiveK, B: int = 8, n: int = 200) -> int:
+    """Acceptance alternating 0.4 / 0.8 every round, seen through a fast EMA (decay 0.3)."""
+    switches, prev = 0, None
+    for i in range(n):
+        alpha = 0.4 if i % 2 else 0.8
+        k = controller.choose(B)
+        controller.observe(SimpleNamespace(k=8, accepted_at=[round(B * alpha ** (j + 1)) for j in range(8)],
+                                           drafted_at=[B] * 8))
+        switches += prev is not None and k != prev
+        prev = k
+    return switches
+
+
+def test_no_oscillation_under_noisy_acceptance():
+    undamped = AdaptiveK(cpu_like_profile(), acceptance=AcceptanceModel(decay=0.3), min_dwell=0, switch_margin=0.0)
+    damped = AdaptiveK(cpu_like_profile(), acceptance=AcceptanceModel(decay=0.3), min_dwell=4, switch_margin=0.05)
+    assert count_switches(undamped) > 100  # the stream really does flip the best choice
+    assert count_switches(damped) <= 3
+
+
+def test_rollout_shrinking_batch_turns_speculation_on_as_rows_finish():
+    c = AdaptiveK(cpu_like_profile())
+    rounds(c, 0.8, 20, B=8)
+    ks = [c.choose(B) for B in [64] * 5 + [32] * 5 + [8] * 5 + [2] * 5 + [1] * 5]
+    assert ks[0] == 0 and ks[-1] >= 3
+    assert ks == sorted(ks)  # monotone as the batch shrinks: no flip-flopping
+
+
+def test_decisions_are_deterministic_and_state_round_trips():
+    a, b = AdaptiveK(cpu_like_profile()), AdaptiveK(cpu_like_profile())
+    rounds(a, 0.7, 25, B=4)
+    rounds(b, 0.7, 25, B=4)
+    assert a.decisions == b.decisions
+    m = AcceptanceModel()
+    m.load_state(a.acceptance.state())
+    assert [m.alpha(j) for j in range(8)] == [a.acceptance.alpha(j) for j in range(8)]
+    p = CostProfile.from_dict(cpu_like_profile().to_dict())
+    assert p.verify_cost(3, 4) == cpu_like_profile().verify_cost(3, 4)

@@ -1,4 +1,4 @@
-"""The one entry point: `respec {generate,pretrain,distill,bench} ...`.
+"""The one entry point: `respec {generate,pretrain,train,distill,bench} ...`.
 
 Every subcommand's flags are generated from its config dataclass (config.py), so defaults live in
 one place; `--config FILE.toml` supplies values, flags override them, and the resolved config is
@@ -64,6 +64,18 @@ def _commands() -> list[_Command]:
         from .tasks.pretrain import PretrainConfig, run_pretrain_cli
 
         cmds.append(_Command("pretrain", "build the built-in actor (supervised, cached)", PretrainConfig, run_pretrain_cli))
+    except ImportError:
+        pass
+    try:
+        from .drafter.distill import DistillConfig, run_distill_cli
+
+        cmds.append(_Command("distill", "train an EAGLE-3 drafter head against an actor", DistillConfig, run_distill_cli))
+    except ImportError:
+        pass
+    try:
+        from .rl.run import run_train_cli
+
+        cmds.append(_Command("train", "GRPO training of an actor on verifiable rewards", C.TrainConfig, run_train_cli))
     except ImportError:
         pass
     return cmds

@@ -40,6 +40,19 @@ def load_drafter(path: str | Path, target: Transformer, actor_path: str | None =
     return DraftModelDrafter(draft)
 
 
+def make_policy(spec: int | str, model: Transformer, drafter):
+    """`off`/K -> a static draft length; `adaptive` -> the controller over a cached cost profile."""
+    if spec != "adaptive":
+        return StaticK(int(spec))
+    if drafter is None:
+        return StaticK(0)
+    from .tasks.pretrain import cache_root
+    from .tuner import AdaptiveK
+    from .tuner.profile import load_or_measure
+
+    return AdaptiveK(load_or_measure(model, drafter, cache_root() / "profiles"))
+
+
 def _validate_row(row: dict[str, Any]) -> None:
     if "id" not in row:
         raise DataError("missing field 'id'")
@@ -97,9 +110,9 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateReport:
     drafter = None
     if cfg.drafter:
         drafter = load_drafter(cfg.drafter, model, actor_path=model_dir)
-    elif spec:
-        raise DataError("--spec needs --drafter DIR")
-    policy = StaticK(spec if isinstance(spec, int) else 4)
+    elif spec and spec != "adaptive":
+        raise DataError("--spec K needs --drafter DIR")
+    policy = make_policy(spec, model, drafter)
     engine = Engine(model, eos_token_ids=pre.eos_token_ids, drafter=drafter, policy=policy,
                     max_batch=cfg.max_batch, seed=cfg.seed)
     requests = [Request(pid, tuple(ids), s, cfg.max_new_tokens) for pid, ids in prompts for s in range(cfg.n)]

@@ -1,0 +1,107 @@
+"""Profile the costs the controller needs, on the current device, once per (device, model, dtype).
+
+    verify[B][q]  one target forward, B rows x q query tokens, with feature capture
+    draft[B]      one drafter step for B rows (drafter forward + sampling), via its own propose()
+    round[B]      per-round sampling and accept/reject bookkeeping outside the two forwards
+
+Profiles are cached as JSON under the respec cache directory (key: device name, model parameter
+fingerprint shape, dtype); `force=True` re-profiles. Checkpoints store the profile a run used, so a
+resumed run decides exactly as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..rollout import rng
+from ..rollout.sampling import SamplingParams, transform
+from ..rollout.speculative import verify_drafts
+from .controller import CostProfile
+
+DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _median_time(fn, reps: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    ts = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ctx: int = 96, reps: int = 5) -> CostProfile:
+    from ..drafter.base import DraftContext
+
+    dev, V = model.device, model.cfg.vocab_size
+    verify: dict[int, dict[int, float]] = {}
+    draft: dict[int, float] = {}
+    overhead: dict[int, float] = {}
+    layers = getattr(drafter, "feature_layers", ())
+    for B in batch_sizes:
+        cache = model.new_cache(B, ctx + max_k + 2)
+        start = torch.full((B,), ctx, dtype=torch.long, device=dev)
+        verify[B] = {}
+        for q in range(1, max_k + 2):
+            toks = torch.randint(3, V, (B, q), device=dev)
+            verify[B][q] = _median_time(lambda: model(toks, start=start, cache=cache, hidden_layers=layers), reps)
+        if drafter is not None:
+            drafter.allocate(B, ctx + max_k + 2)
+            F = len(layers) * model.cfg.hidden_size
+            tokens = torch.randint(3, V, (B, ctx + max_k + 2), device=dev)
+            feats = torch.randn(B, ctx + max_k + 2, F, dtype=model.dtype, device=dev) if layers else None
+            L = torch.full((B,), ctx, dtype=torch.long, device=dev)
+            ctx_obj = DraftContext(tokens=tokens, features=feats, target_len=L, draft_len=L - 1)
+            u = torch.rand(B, 1, dtype=torch.float64, device=dev)
+            draft[B] = _median_time(lambda: drafter.propose(ctx_obj, 1, SamplingParams(1.0), u), reps)
+        k = 4
+        logits = torch.randn(B, k + 1, V, device=dev)
+        dprobs = torch.softmax(torch.randn(B, k, V, device=dev), -1)
+        dtoks = torch.randint(0, V, (B, k), device=dev)
+        keys = torch.arange(B, device=dev)
+
+        def round_overhead():
+            pos = start[:, None] + torch.arange(3 * k + 1, device=dev)
+            u = rng.uniforms(keys, pos, 0)
+            tp = transform(logits, SamplingParams(1.0), validate=False).probs
+            v = verify_drafts(tp, dprobs, dtoks, u[:, :k], u[:, k : 2 * k + 1])
+            v.n_emitted.tolist()
+
+        overhead[B] = _median_time(round_overhead, reps)
+    return CostProfile(list(batch_sizes), verify, draft or {B: 0.0 for B in batch_sizes}, overhead,
+                       device=_device_name(dev), model=_fingerprint(model), dtype=str(model.dtype).replace("torch.", ""))
+
+
+def _device_name(dev) -> str:
+    if str(dev).startswith("cuda"):
+        return torch.cuda.get_device_name(dev)
+    return f"cpu x{torch.get_num_threads()}"
+
+
+def _fingerprint(model) -> str:
+    c = model.cfg
+    return f"{c.arch}-h{c.hidden_size}-l{c.num_layers}-v{c.vocab_size}-i{c.intermediate_size}"
+
+
+def load_or_measure(model, drafter, cache_dir: Path, force: bool = False, **kw) -> CostProfile:
+    key = hashlib.sha256(json.dumps([_device_name(model.device), _fingerprint(model), str(model.dtype),
+                                     type(drafter).__name__, sorted(kw.items())]).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"profile-{key}.json"
+    if path.is_file() and not force:
+        return CostProfile.from_dict(json.loads(path.read_text()))
+    prof = measure_profile(model, drafter, **kw)
+    from ..io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(prof.to_dict(), indent=1))
+    return prof

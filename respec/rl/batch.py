@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -117,11 +117,16 @@ def response_logits(model: Transformer, batch: RolloutBatch, what: str) -> Tenso
     return out
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor, nucleus_sizes: Tensor, sampling: SamplingParams) -> tuple[Tensor, Tensor]:
+class TokenLogprobs(NamedTuple):
+    logprobs: Tensor  # (...) log-prob of each token under the engine's transform (differentiable)
+    guarded: Tensor  # (...) bool: the nucleus guard widened this position's nucleus
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, nucleus_sizes: Tensor, sampling: SamplingParams) -> TokenLogprobs:
     """Log-probs of `tokens` under the engine's transform with the recorded nucleus (guarded, see the
-    module docstring): logits (..., V), tokens (...), nucleus_sizes (...) -> (logprobs (...), guarded (...) bool)."""
+    module docstring): logits (..., V), tokens (...), nucleus_sizes (...)."""
     if sampling.top_k == 0 and sampling.top_p >= 1.0:  # no truncation: nothing masked, no guard needed
-        return logprobs_of(logits, tokens, sampling), torch.zeros_like(tokens, dtype=torch.bool)
+        return TokenLogprobs(logprobs_of(logits, tokens, sampling), torch.zeros_like(tokens, dtype=torch.bool))
     x = logits.detach().float()  # the transform ranks the float32 logits (temperature does not change ranks)
     tok = x.gather(-1, tokens[..., None])  # (..., 1)
     ids = torch.arange(x.shape[-1], device=x.device)
@@ -129,4 +134,4 @@ def token_logprobs(logits: Tensor, tokens: Tensor, nucleus_sizes: Tensor, sampli
     guarded = rank + 1 > nucleus_sizes
     n = torch.maximum(nucleus_sizes, rank + 1)
     lp = logprobs_of(logits, tokens, dataclasses.replace(sampling, top_k=0), nucleus_size=n)
-    return lp, guarded
+    return TokenLogprobs(lp, guarded)

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,7 +41,12 @@ def make_run_dir(requested: str) -> Path:
     return path
 
 
-def run_train(cfg: TrainConfig, progress: bool = True) -> tuple[TrainSummary, Path]:
+class TrainRun(NamedTuple):
+    summary: TrainSummary
+    run_dir: Path
+
+
+def run_train(cfg: TrainConfig, progress: bool = True) -> TrainRun:
     cfg.validate()
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigValueError(f"device is {cfg.device!r} but CUDA is not available")
@@ -71,13 +77,14 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> tuple[TrainSummary, Pa
         heldout = list(builtin_prompts(task, cfg.eval.heldout, heldout=True).records)
 
     spec = parse_spec(cfg.rollout.spec, "rollout.spec")
-    drafter = None
+    drafter, policy = None, StaticK(0)
     if spec:
-        from ..generate import load_drafter
+        from ..generate import load_drafter, make_policy
 
         drafter = load_drafter(cfg.rollout.drafter, model, actor_path=model_dir)
+        policy = make_policy(spec, model, drafter)  # adaptive: the tuner's acceptance EMA follows the actor as it trains
     # The engine holds the very model object the trainer updates: no copy to keep in sync.
-    engine = Engine(model, eos_token_ids=pre.eos_token_ids, drafter=drafter, policy=StaticK(int(spec)),
+    engine = Engine(model, eos_token_ids=pre.eos_token_ids, drafter=drafter, policy=policy,
                     max_batch=cfg.rollout.max_batch, seed=cfg.seed)
     decode = tok.decode if tok is not None else (lambda ids: " ".join(map(str, ids)))
     logger = MetricsLogger(run_dir, cfg.output.tensorboard)
@@ -91,7 +98,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> tuple[TrainSummary, Pa
     if cfg.output.save_actor:
         save_pretrained(model, run_dir / "actor", tokenizer=tok, eos_token_ids=pre.eos_token_ids)
     atomic_write_text(run_dir / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
-    return summary, run_dir
+    return TrainRun(summary, run_dir)
 
 
 def run_train_cli(cfg: TrainConfig, args) -> int:

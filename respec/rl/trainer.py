@@ -34,7 +34,7 @@ Metrics (one JSON record per line in metrics.jsonl; "kind" is "train" or "eval")
     zero_std_fraction, loss, kl_ref (k3 to the reference; null when kl_beta = 0), kl_old (k3 to the
     behaviour policy), entropy (of the sampling distribution, same transform), clip_fraction,
     ratio_mean, ratio_max, grad_norm (mean over updates, before clipping), lr, updates,
-    logprob_gap_mean / _max (|train - engine| log-prob over the tokens of the first minibatch,
+    logprob_gap_mean, logprob_gap_max (|train - engine| log-prob over the first minibatch's tokens,
     taken before any update of the step: the train/inference mismatch), nucleus_guard_fraction,
     tokens, tokens_per_s (generated tokens / step time), gen_tokens_per_s,
     time_generate_s, time_reward_s, time_train_s, time_sync_s, time_step_s, r_gen (generate share),
@@ -53,7 +53,6 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -69,6 +68,22 @@ from .advantages import compute_advantages
 from .batch import RolloutBatch, build_batch, response_logits, token_logprobs
 from .loss import LossStats, merge_stats, policy_loss
 from .metrics import MetricsLogger, spec_stats, speedup_ceiling
+
+
+# The keys of the two record kinds in metrics.jsonl (documented above; the tests hold records to them).
+# Train records also carry "reward/<name>" for every reward function.
+TRAIN_METRIC_KEYS: tuple[str, ...] = (
+    "kind", "step", "reward_mean", "reward_std", "pass_rate", "response_len_mean", "response_len_max",
+    "truncation_rate", "zero_std_fraction", "loss", "kl_ref", "kl_old", "entropy", "clip_fraction", "ratio_mean",
+    "ratio_max", "grad_norm", "lr", "updates", "logprob_gap_mean", "logprob_gap_max", "nucleus_guard_fraction",
+    "tokens", "tokens_per_s", "gen_tokens_per_s", "time_generate_s", "time_reward_s", "time_train_s",
+    "time_sync_s", "time_step_s", "r_gen", "ceiling_s2", "ceiling_s3", "spec_accept_len", "spec_accept_at",
+    "spec_k_mean", "spec_active_mean", "spec_accepted_fraction", "spec_rounds", "spec_draft_s", "spec_verify_s",
+)
+EVAL_METRIC_KEYS: tuple[str, ...] = (
+    "kind", "step", "eval_n", "eval_pass_rate_t0", "eval_pass_rate_sampled", "eval_pass_rate_sampled_se",
+    "eval_reward_mean_sampled", "eval_s",
+)
 
 
 class TrainError(ValueError):
@@ -317,10 +332,10 @@ class GRPOTrainer:
             if rl.old_logprobs == "recompute":
                 self.model.eval()
                 logits = response_logits(self.model, mb, f"step {step}: recomputed old log-probs")
-                old[idx, :R] = token_logprobs(logits, mb.response_ids, mb.nucleus_sizes, self.sampling)[0]
+                old[idx, :R] = token_logprobs(logits, mb.response_ids, mb.nucleus_sizes, self.sampling).logprobs
             if ref is not None:
                 logits = response_logits(self.ref_model, mb, f"step {step}: reference log-probs")
-                ref[idx, :R] = token_logprobs(logits, mb.response_ids, mb.nucleus_sizes, self.sampling)[0]
+                ref[idx, :R] = token_logprobs(logits, mb.response_ids, mb.nucleus_sizes, self.sampling).logprobs
         if rl.old_logprobs == "recompute":
             batch.old_logprobs = torch.where(batch.mask, old, 0.0)
         batch.ref_logprobs = ref

@@ -1,0 +1,142 @@
+"""GRPOTrainer behaviour on tiny models: it learns, it updates, and its log-probs are the engine's."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import pytest
+import torch
+
+from respec.rl import trainer as trainer_mod
+from respec.rl.batch import build_batch, response_logits, token_logprobs
+from respec.rl.trainer import TrainError
+from respec.rollout.engine import Request
+from respec.rollout.sampling import SamplingParams, logprobs_of
+
+from .conftest import tiny_lm, train_config
+
+
+def test_tiny_model_learns_the_synthetic_reward(make_trainer):
+    """vocab 8, reward = fraction of TARGET tokens: ~1/8 at random init, > 0.8 within 30 steps."""
+    cfg = train_config(steps=30, rl={"epochs": 2}, optim={"minibatch_size": 32})
+    t = make_trainer(cfg)
+    t0 = time.perf_counter()
+    rewards = [t.train_step(step)["reward_mean"] for step in range(cfg.steps)]
+    assert rewards[0] < 0.2, rewards
+    assert sum(rewards[-3:]) / 3 > 0.8, rewards
+    assert time.perf_counter() - t0 < 30
+
+
+def test_parameters_change_after_one_step(make_trainer):
+    t = make_trainer(train_config(rollout={"prompts_per_step": 4, "group_size": 4}))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    m = t.train_step(0)
+    assert m["zero_std_fraction"] < 1 and m["grad_norm"] > 0 and m["updates"] == 1
+    unchanged = [n for n, p in t.model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged, f"parameters not updated: {unchanged}"
+
+
+SAMPLING = {"temperature": 0.8, "top_p": 0.9}  # a real nucleus, so recorded sizes matter
+
+
+def ratio_error(trainer) -> float:
+    """max |exp(train log-prob - engine log-prob) - 1| over a fresh generation by the trainer's engine."""
+    reqs = [Request(f"check/{i}", (1 + i % 5, 2, 3), s, 10) for i in range(6) for s in range(3)]
+    gen = trainer.engine.generate(reqs, trainer.sampling)
+    batch = build_batch(gen.rollouts, torch.zeros(len(reqs)), "cpu")
+    with torch.no_grad():
+        logits = response_logits(trainer.model, batch, "check")
+        lp, _ = token_logprobs(logits, batch.response_ids, batch.nucleus_sizes, trainer.sampling)
+    return ((lp - batch.engine_logprobs).exp() - 1)[batch.mask].abs().max().item()
+
+
+def test_train_and_engine_logprobs_agree_before_and_after_an_update(make_trainer):
+    cfg = train_config(rollout={"prompts_per_step": 4, "group_size": 4, **SAMPLING}, optim={"lr": 1e-3})
+    t = make_trainer(cfg, tiny_lm(std=0.3))
+    assert t.engine.model is t.model  # the engine samples from the live actor
+    assert ratio_error(t) < 1e-5
+    t.train_step(0)
+    assert ratio_error(t) < 1e-5
+    m = t.train_step(1)
+    assert m["entropy"] > 0.5  # still a spread-out policy: the check is not trivially 0 == 0
+    assert m["logprob_gap_max"] < 1e-5 and m["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_stale_engine_copy_is_caught_and_syncing_fixes_it(make_trainer, monkeypatch):
+    cfg = train_config(rollout={"prompts_per_step": 4, "group_size": 4, **SAMPLING}, optim={"lr": 1e-3})
+    model = tiny_lm(std=0.3)
+    synced = make_trainer(cfg, model, engine_model=copy.deepcopy(model))
+    synced.train_step(0)  # sync_weights copies into the engine's own model
+    assert ratio_error(synced) < 1e-5
+
+    model = tiny_lm(std=0.3)
+    stale = make_trainer(cfg, model, engine_model=copy.deepcopy(model))
+    monkeypatch.setattr(stale, "sync_weights", lambda: 0.0)  # the bug: a copy nobody updates
+    stale.train_step(0)
+    assert ratio_error(stale) > 1e-3
+
+
+def test_nucleus_guard_keeps_a_token_that_fell_out_of_the_recorded_nucleus():
+    sp = SamplingParams(temperature=1.0, top_p=0.5)
+    # the engine saw token 1 ranked 2nd (nucleus 2); the trainer's logits rank it 3rd by a hair
+    logits = torch.tensor([[2.0, 1.0, 1.0 + 1e-6, -1.0]])
+    tokens, nucleus = torch.tensor([1]), torch.tensor([2])
+    assert logprobs_of(logits, tokens, sp, nucleus_size=nucleus).item() == -math.inf  # what the guard prevents
+    lp, guarded = token_logprobs(logits, tokens, nucleus, sp)
+    assert guarded.tolist() == [True]
+    assert lp.item() == pytest.approx(logprobs_of(logits, tokens, sp, nucleus_size=torch.tensor([3])).item())
+    # inside the nucleus nothing changes
+    lp2, g2 = token_logprobs(logits, torch.tensor([0]), nucleus, sp)
+    assert g2.tolist() == [False]
+    assert lp2.item() == logprobs_of(logits, torch.tensor([0]), sp, nucleus_size=nucleus).item()
+
+
+def test_recompute_and_kl_modes_run(make_trainer):
+    cfg = train_config(rollout={"prompts_per_step": 2, "group_size": 4, **SAMPLING},
+                       rl={"old_logprobs": "recompute", "kl_beta": 0.1, "aggregation": "sequence", "epochs": 2},
+                       optim={"minibatch_size": 4, "micro_batch_size": 3})
+    t = make_trainer(cfg, tiny_lm(std=0.3))
+    assert t.ref_model is not None
+    m0 = t.train_step(0)
+    assert m0["updates"] == 4 and m0["kl_ref"] is not None and m0["kl_ref"] >= 0
+    assert m0["logprob_gap_max"] < 1e-5
+    m1 = t.train_step(1)
+    assert m1["kl_ref"] > 0  # the policy has moved away from the frozen reference
+    assert make_trainer(train_config()).ref_model is None  # beta = 0: no reference model is built
+
+
+def test_non_finite_logits_and_loss_stop_naming_the_step(make_trainer, monkeypatch):
+    model = tiny_lm()
+    with torch.no_grad():
+        model.layers[0].mlp.w_down.weight[0, 0] = float("nan")
+    with pytest.raises(TrainError, match="step 0: rollout generation"):
+        make_trainer(train_config(), model).train_step(0)
+
+    real = trainer_mod.policy_loss
+    monkeypatch.setattr(trainer_mod, "policy_loss", lambda *a, **k: (lambda out: (out[0] * math.nan, out[1]))(real(*a, **k)))
+    with pytest.raises(TrainError, match="step 4: non-finite loss"):
+        make_trainer(train_config(rollout={"prompts_per_step": 2, "group_size": 2})).train_step(4)
+
+
+def test_lr_schedule_warms_up_then_follows_the_cosine_to_its_floor():
+    cfg = train_config(steps=21, optim={"lr": 1.0, "warmup_steps": 4, "schedule": "cosine", "min_lr_ratio": 0.1})
+    lrs = [trainer_mod.lr_at(s, cfg) for s in range(21)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0][:4] and lrs[4] == 1.0
+    assert lrs[-1] == pytest.approx(0.1) and lrs[12] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    const = train_config(optim={"lr": 0.5, "warmup_steps": 0, "schedule": "constant"})
+    assert {trainer_mod.lr_at(s, const) for s in range(10)} == {0.5}
+
+
+def test_dataset_prompts_are_a_pure_function_of_seed_and_step():
+    from respec.tasks.data import PromptDataset, PromptRecord
+
+    ds = PromptDataset(tuple(PromptRecord(f"r{i}", "x", None, {}) for i in range(7)), "mem")
+    a, b = trainer_mod.DatasetPrompts(ds, seed=1), trainer_mod.DatasetPrompts(ds, seed=1)
+    ids = [[r.id for r in a.batch(s, 3)] for s in range(7)]  # 21 draws = 3 epochs
+    assert [[r.id for r in b.batch(s, 3)] for s in (6, 0, 3)] == [ids[6], ids[0], ids[3]]  # order-free
+    flat = [i for batch in ids for i in batch]
+    assert all(sorted(flat[e * 7 : (e + 1) * 7]) == sorted(r.id for r in ds) for e in range(3))  # epochs
+    assert flat[:7] != flat[7:14]  # reshuffled per epoch

@@ -188,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") 
             flags.append("--" + name.replace("_", "-"))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=_metavar(typ),
-                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
+                            help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"))
 
 
 def _metavar(typ: Any) -> str:

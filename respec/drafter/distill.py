@@ -19,9 +19,19 @@ weights): the loss is a weighted mean over tokens, so a zero weight removes a sa
 
 Data refresh (`DistillConfig.refresh`): every `refresh` steps a new pool is sampled (new prompts
 from the task stream or the next slice of the data file, new seed); 0 keeps one fixed pool. The
-actor is frozen, so a pool never goes stale; the only reason to refresh is to avoid overfitting a
-small pool. With the defaults a pool of 256 sequences is seen ~2-3 times before it is replaced,
-which costs one engine generate (a few seconds) per pool, roughly 5% of the run.
+actor is frozen, so a pool never goes stale; what matters is how often each sequence is revisited,
+since a one-layer head overfits a small pool seen many times. Sampling costs the same per sequence
+up front or in slices, so it is done in slices: training starts after the first one, and the data
+seen grows with max_steps without resizing anything. With the defaults each pool (64 prompts x 4
+samples) is seen ~3 times (50 steps x 16 / 256) and a run samples 4 pools, 1024 sequences.
+
+Default budget (the built-in actor, hidden 256, 6 layers, vocabulary 29, on 2 CPU cores): batches
+are length-bucketed, so a step pads to ~116 tokens on the task's length distribution (mean
+sequence 98 tokens, longest ~330). Measured with a randomly initialised actor of that shape on
+sequences of the task's lengths, one thread on a shared machine: 0.3-1.0 s per step for padded
+lengths 46-134 and 3.8 s for the rare ~330-token batch (mean 1.0 s over 7 batches); plain engine
+decoding ~2k tokens/s, so a 256-sample pool takes ~10-15 s. 200 steps + 4 pools + 2 held-out
+measurements: ~5 minutes.
 """
 
 from __future__ import annotations
@@ -29,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,15 +202,15 @@ class DistillConfig:
     model: str = _help("actor checkpoint directory the drafter is trained against; empty = the built-in actor", "")
     data: str = _help("JSONL of prompts (rows with 'prompt' or 'prompt_ids'); empty = the built-in task's prompts", "")
     output: str = _help("drafter directory to write (config.json + model.safetensors)", "")
-    max_steps: int = _help("optimizer steps", 300)
+    max_steps: int = _help("optimizer steps", 200)
     batch_size: int = _help("sequences per step", 16)
-    lr: float = _help("peak AdamW learning rate (linear warm-up, cosine decay to 10%)", 2e-3)
+    lr: float = _help("peak AdamW learning rate (linear warm-up, cosine decay to a tenth)", 3e-3)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     depth: int = _help("training-time-test unroll steps (draft steps learned)", 3)
     step_decay: float = _help("loss weight of unroll step s is step_decay**(s-1)", DEFAULT_STEP_DECAY)
     num_prompts: int = _help("prompts per sample pool", 64)
     samples_per_prompt: int = _help("actor samples per prompt (temperature 1)", 4)
-    refresh: int = _help("draw a fresh pool (new prompts, new samples) every N steps; 0 = one fixed pool", 40)
+    refresh: int = _help("draw a fresh pool (new prompts, new samples) every N steps; 0 = one fixed pool", 50)
     max_new_tokens: int = _help("generation budget per sample (pools and held-out measurement)", 320)
     eval_prompts: int = _help("held-out prompts for measured acceptance before/after (0 = skip)", 16)
     seed: int = _help("head initialisation, sampling and batch-order seed", 0)
@@ -253,7 +262,8 @@ class _Prompts:
         def check(row: dict) -> None:
             ids = row.get("prompt_ids")
             if ids is not None:
-                if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                ints = isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+                if not ints or not ids:
                     raise DataError("'prompt_ids' must be a non-empty list of integers")
             elif not isinstance(row.get("prompt"), str) or not row["prompt"]:
                 raise DataError("missing field 'prompt' (non-empty string) or 'prompt_ids'")
@@ -373,7 +383,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillReport:
 
 
 def run_distill_cli(cfg: DistillConfig, args) -> int:
-    rep = run_distill(cfg, progress=sys.stderr.isatty())
+    rep = run_distill(cfg, progress=True)  # a bar on a terminal, else a line every 10% of the steps
     final = rep.final
     alphas = ", ".join(f"{a:.3f}" for a in final.get("alpha", []))
     print(f"wrote {rep.output} (EAGLE head for actor {rep.actor}): {rep.steps} steps in {rep.train_s:.1f}s; "

@@ -15,7 +15,7 @@ The target's embedding and LM head are shared: they are read from the current ac
 time and never stored in this module's state dict, so the drafter can never hold a stale copy.
 They are read *detached* (`embed`, `logits`): distillation backpropagates through them into the
 head, but must never leave gradients on the live actor's parameters, which the RL optimizer owns.
-Layer choice rule (works for 2-layer targets; indices may repeat): sorted(min(2, L-1), L//2, max(L-3, 0)).
+Layer choice rule (works for 2-layer targets; indices may repeat): (L//4, L//2, L-1), see default_feature_layers.
 """
 
 from __future__ import annotations
@@ -38,7 +38,13 @@ from .base import DraftContext, Proposal, sample_drafts_step
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
-    return tuple(sorted((min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))))  # type: ignore[return-value]
+    """Low, middle and high decoder-layer outputs (0-based): (L//4, L//2, L-1).
+
+    The high feature is the last layer's output (closest to the next-token distribution, what
+    EAGLE-1 drafts from); low and middle add the lexical / intermediate signals EAGLE-3 fuses.
+    Works for shallow targets by repeating indices: L=2 -> (0, 1, 1), L=1 -> (0, 0, 0).
+    """
+    return (num_layers // 4, num_layers // 2 if num_layers > 1 else 0, num_layers - 1)
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ def test_zero_sample_weight_removes_the_sample(target):
 
 def test_distillation_raises_acceptance():
     target = tiny_target(seed=0)
-    prompts = _prompts(12, 1)
+    prompts = _prompts(16, 1)
     pool = collect_samples(target, None, prompts[:8], n_per_prompt=4, max_new_tokens=24, seed=0)
     head = tiny_head(target, seed=0, std=0.02)
     tb = teacher_force(target, pool, head.cfg.feature_layers)

@@ -159,8 +159,8 @@ def test_train_forward_reproduces_engine_drafting(target, depth):
 def test_layer_choice_rule():
     assert default_feature_layers(2) == (0, 1, 1)  # repeats allowed for shallow targets
     assert default_feature_layers(1) == (0, 0, 0)
-    assert default_feature_layers(6) == (2, 3, 3)
-    assert default_feature_layers(32) == (2, 16, 29)
+    assert default_feature_layers(6) == (1, 3, 5)
+    assert default_feature_layers(32) == (8, 16, 31)
     for n in range(1, 40):
         layers = default_feature_layers(n)
         assert len(layers) == 3 and list(layers) == sorted(layers) and 0 <= layers[0] and layers[-1] < n

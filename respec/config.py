@@ -278,7 +278,7 @@ class TrainRolloutConfig:
     temperature: float = _help("sampling temperature of the rollouts (> 0: the policy being trained)", 1.0)
     top_p: float = _help("nucleus mass of the rollouts (1 = off); the loss uses the recorded nucleus sizes", 1.0)
     top_k: int = _help("top-k of the rollouts (0 = off)", 0)
-    spec: str = _help("speculative rollouts: off | K (static draft length 1..16) | adaptive (tuner); needs rollout.drafter", "off")
+    spec: str = _help("speculative rollouts: off | K (static draft length 1..16) | adaptive (tuner); needs rollout.drafter except with the built-in actor", "off")
     drafter: str = _help("drafter directory (EAGLE head or draft LM checkpoint) for rollout.spec", "")
     max_batch: int = _help("maximum rows the engine decodes together", 128)
 
@@ -364,7 +364,8 @@ class TrainConfig:
         need(0 < r.top_p <= 1, "rollout.top_p", "in (0, 1]")
         need(r.top_k >= 0, "rollout.top_k", ">= 0")
         spec = parse_spec(r.spec, "rollout.spec")
-        need(not spec or bool(r.drafter), "rollout.drafter", "a drafter directory when rollout.spec is not off")
+        need(not spec or bool(r.drafter) or not self.model, "rollout.drafter",
+             "a drafter directory when rollout.spec is not off (the built-in actor has a cached default)")
         need(r.max_batch >= 1, "rollout.max_batch", ">= 1")
         need(rl.advantage in ("grpo", "dr_grpo"), "rl.advantage", "grpo or dr_grpo")
         need(rl.std_eps >= 0, "rl.std_eps", ">= 0")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -391,3 +392,22 @@ def run_distill_cli(cfg: DistillConfig, args) -> int:
     if rep.tau_before is not None:
         print(f"held-out mean acceptance length (k=4, temperature 1): {rep.tau_before:.3f} -> {rep.tau_after:.3f}")
     return 0
+
+
+def ensure_builtin_drafter(actor_dir: Path, progress: bool | None = None) -> Path:
+    """The cached drafter of an actor directory (distilled with the defaults on first use).
+
+    Cached next to the actor in the shared cache, keyed by the actor's directory name, so every
+    command (train, bench, generate) reuses one drafter per built-in actor.
+    """
+    from ..tasks.pretrain import cache_root
+
+    actor_dir = Path(actor_dir)
+    out = cache_root() / f"drafter-{actor_dir.resolve().name}"
+    if (out / "model.safetensors").is_file():
+        return out
+    print(f"distilling the drafter for {actor_dir} into {out} (once; cached for later commands)", file=sys.stderr)
+    rep = run_distill(DistillConfig(model=str(actor_dir), output=str(out)),
+                      progress=sys.stderr.isatty() if progress is None else progress)
+    print(f"drafter ready: held-out mean acceptance length {rep.tau_before} -> {rep.tau_after}", file=sys.stderr)
+    return out

@@ -81,7 +81,12 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainRun:
     if spec:
         from ..generate import load_drafter, make_policy
 
-        drafter = load_drafter(cfg.rollout.drafter, model, actor_path=model_dir)
+        drafter_dir = cfg.rollout.drafter
+        if not drafter_dir and not cfg.model:  # the built-in actor's cached drafter (distilled on first use)
+            from ..drafter.distill import ensure_builtin_drafter
+
+            drafter_dir = str(ensure_builtin_drafter(Path(model_dir)))
+        drafter = load_drafter(drafter_dir, model, actor_path=model_dir)
         policy = make_policy(spec, model, drafter)  # adaptive: the tuner's acceptance EMA follows the actor as it trains
     # The engine holds the very model object the trainer updates: no copy to keep in sync.
     engine = Engine(model, eos_token_ids=pre.eos_token_ids, drafter=drafter, policy=policy,

@@ -272,9 +272,9 @@ class TrainDataConfig:
 
 @dataclass(frozen=True)
 class TrainRolloutConfig:
-    prompts_per_step: int = _help("prompts sampled per training step", 16)
+    prompts_per_step: int = _help("prompts sampled per training step", 4)
     group_size: int = _help("responses per prompt (G); advantages are computed within each group", 8)
-    max_new_tokens: int = _help("response budget; longer responses are cut (finish_reason 'length')", 400)
+    max_new_tokens: int = _help("response budget; longer responses are cut (finish_reason 'length')", 300)
     temperature: float = _help("sampling temperature of the rollouts (> 0: the policy being trained)", 1.0)
     top_p: float = _help("nucleus mass of the rollouts (1 = off); the loss uses the recorded nucleus sizes", 1.0)
     top_k: int = _help("top-k of the rollouts (0 = off)", 0)
@@ -306,7 +306,7 @@ class TrainRLConfig:
 
 @dataclass(frozen=True)
 class TrainOptimConfig:
-    lr: float = _help("peak AdamW learning rate", 1e-4)
+    lr: float = _help("peak AdamW learning rate", 2e-4)
     schedule: str = _help("after warm-up: cosine (down to min_lr_ratio * lr at the last step) | constant", "cosine")
     warmup_steps: int = _help("linear warm-up, in training steps", 10)
     min_lr_ratio: float = _help("cosine floor as a fraction of lr", 0.1)
@@ -314,13 +314,13 @@ class TrainOptimConfig:
     beta1: float = _help("AdamW beta1", 0.9)
     beta2: float = _help("AdamW beta2", 0.99)
     max_grad_norm: float = _help("clip the global gradient norm to this; 0 = no clipping (norm still logged)", 1.0)
-    minibatch_size: int = _help("sequences per optimizer update; 0 = the whole rollout batch", 64)
+    minibatch_size: int = _help("sequences per optimizer update; 0 = the whole rollout batch", 0)
     micro_batch_size: int = _help("sequences per forward/backward (gradient accumulation within a minibatch)", 16)
 
 
 @dataclass(frozen=True)
 class TrainEvalConfig:
-    every: int = _help("evaluate every N steps (also before the first and after the last); 0 = only those two", 50)
+    every: int = _help("evaluate every N steps (also before the first and after the last); 0 = only those two", 0)
     heldout: int = _help("held-out prompts scored (built-in task: its fixed held-out set)", 500)
     dataset: str = _help("held-out prompt file when data.dataset is set; empty = no held-out evaluation", "")
     max_new_tokens: int = _help("response budget at evaluation; 0 = rollout.max_new_tokens", 0)

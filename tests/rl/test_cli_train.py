@@ -78,7 +78,7 @@ def test_train_two_steps_writes_config_metrics_and_actor(actor_dir, tmp_path, ca
     (["--rl.advantage", "ppo"], "rl.advantage must be grpo or dr_grpo, got 'ppo'"),
     (["--rl.old-logprobs", "cached"], "rl.old_logprobs must be engine or recompute"),
     (["--optim.lr", "fast"], "optim.lr: expected float, got 'fast'"),
-    (["--rollout.spec", "2"], "rollout.drafter must be a drafter directory"),
+    (["--model", "some/actor", "--rollout.spec", "2"], "rollout.drafter must be a drafter directory"),
     (["--rollout.temperature", "0"], "rollout.temperature must be a finite number > 0"),
     (["--rl.rewards", "exact_answer", "--rl.reward-weights", "1,2"], "rl.reward_weights must be empty or one weight"),
 ])

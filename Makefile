@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (both idempotent: the venv is made once, then reused):
-#   make demo    - builds the embedded default (built-in actor, cached) and runs the main job on it
-#                  (until `respec train` lands: build the actor, then generate from it)
+#   make train   - builds the embedded default (built-in actor, cached) and runs the main job on it
+#                  (GRPO with `respec train`; `make demo` only builds the actor and generates)
 #   make test    - runs the test suite (CPU; gpu-marked tests are skipped without CUDA)
 PY      ?= python3
 VENV    ?= .venv

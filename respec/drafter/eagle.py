@@ -252,6 +252,7 @@ def save_eagle(head: EagleHead, path: str | Path, extra_files: dict[str, str] | 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is a normal directory
     try:
         cfg = asdict(head.cfg)
         cfg["kind"] = "eagle3"

@@ -234,6 +234,7 @@ def save_pretrained(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is a normal directory
     try:
         cfg = model.cfg
         dtype_name = {v: k for k, v in _DTYPES.items()}[model.dtype]

@@ -65,9 +65,12 @@ def geometry(B: int, q: int, start: torch.Tensor | None, max_len: int | None, de
         return Geometry(offsets.expand(B, q), None, q, cached=False)
     positions = start[:, None] + offsets  # (B, q)
     # Host sync: the key range to read. The engine syncs every step anyway (stop checks).
-    kv_len = int(positions[:, -1].max()) + 1
+    lo, hi = torch.stack(torch.aminmax(positions[:, -1])).tolist()
+    kv_len = hi + 1
     if max_len is not None and kv_len > max_len:
         raise ValueError(f"KV cache overflow: need {kv_len} positions, cache holds {max_len}")
+    if q == 1 and lo == kv_len - 1:  # one token per row, all rows at the same position: nothing to mask
+        return Geometry(positions, None, kv_len, cached=True)
     key_pos = torch.arange(kv_len, device=device)
     mask = (key_pos[None, :] <= positions[:, :, None])[:, None]  # (B, 1, q, kv_len)
     return Geometry(positions, mask, kv_len, cached=True)

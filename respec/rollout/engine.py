@@ -34,8 +34,9 @@ import torch
 
 from ..models.transformer import Transformer
 from . import rng
+from .drafting import DraftContext
 from .sampling import SamplingParams, check_finite, sample, transform
-from .speculative import verify_drafts
+from .speculative import Verdict, verify_drafts
 
 
 class EngineError(ValueError):
@@ -296,7 +297,8 @@ class _BatchState:
         # per-row draft length: leave room for the resampled/bonus token within the token budget
         remaining = self.budget[:B] - self.generated[:B]  # (B,) >= 1
         k_row = torch.clamp(remaining - 1, max=k)  # (B,)
-        k = int(k_row.max())
+        if k > 0:
+            k = int(k_row.max())  # host sync; plain iterations skip it
 
         # every uniform of the round in one hash evaluation: drafts and accept tests for positions
         # L+1..L+k, and the resampled/bonus token at emitted slot j (position L+1+j)
@@ -325,7 +327,12 @@ class _BatchState:
         check_finite(out.logits, "target logits")
         tr = transform(out.logits.float(), self.sampling, validate=False)
         target_probs = tr.probs  # (B, k+1, V) fp32
-        verdict = verify_drafts(target_probs, draft_probs, drafts, u_accept, u_sample, draft_len=k_row)
+        if k > 0:
+            verdict = verify_drafts(target_probs, draft_probs, drafts, u_accept, u_sample, draft_len=k_row)
+        else:  # plain iteration: the same draw verify_drafts makes with zero drafts, minus its bookkeeping
+            token = sample(target_probs[:, 0], u_sample[:, 0])  # (B,)
+            zero = torch.zeros(B, dtype=torch.long, device=dev)
+            verdict = Verdict(n_accepted=zero, tokens=token[:, None], n_emitted=zero + 1)
         t_done = time.perf_counter()
         self._commit(B, L, k, k_row, verdict, target_probs, tr.nucleus_size, out.hidden, fallback,
                      t_verify - t_draft, t_done - t_verify)
@@ -337,15 +344,16 @@ class _BatchState:
         n_acc, toks = verdict.n_accepted, verdict.tokens  # (B,), (B, k+1)
         j = torch.arange(k + 1, device=dev)
         n_emit, stopped = truncate_at_stop(toks, n_acc + 1, self.e.eos)
-        live = j[None, :] < n_emit[:, None]  # (B, k+1) emitted slots
         lp = torch.log(target_probs.gather(-1, toks.clamp(min=0)[..., None])[..., 0])  # (B, k+1)
-        # write emitted tokens at positions L+1 .. L+n_emit; features of inputs L .. L+n_emit-1
+        # write emitted tokens at positions L+1 .. L+n_emit and the features of inputs L .. L+n_emit-1.
+        # Slots past n_emit are written too (no masked write, no host sync): they lie beyond the
+        # row's new length, where nothing is ever read before it is overwritten.
         pos = L[:, None] + 1 + j  # (B, k+1)
-        self.tokens[slots[:, None].expand_as(pos)[live], pos[live]] = toks[live]
+        self.tokens[slots[:, None], pos] = toks.clamp(min=0)  # -1 marks unused slots: keep ids valid
         if self.features is not None and hidden is not None:
-            fpos = L[:, None] + j
-            self.features[slots[:, None].expand_as(fpos)[live], fpos[live]] = hidden[live]
+            self.features[slots[:, None], pos - 1] = hidden
         if self.e.capture is not None:
+            live = j[None, :] < n_emit[:, None]  # (B, k+1) emitted slots
             rix = torch.tensor(self.slot_req, device=dev)[:, None].expand_as(pos)[live]
             self.e.capture(Commit(rix, (L[:, None] + j)[live], hidden[live] if hidden is not None else None,
                                   target_probs[live], toks[live]))
@@ -413,9 +421,7 @@ class _BatchState:
         del self.slot_req[n - len(finished):]
 
 
-def _ctx(state: _BatchState, B: int):
-    from ..drafter.base import DraftContext
-
+def _ctx(state: _BatchState, B: int) -> DraftContext:
     return DraftContext(
         tokens=state.tokens, features=state.features, target_len=state.target_len[:B], draft_len=state.draft_len[:B]
     )

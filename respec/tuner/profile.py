@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..rollout import rng
+from ..rollout.drafting import DraftContext
 from ..rollout.sampling import SamplingParams, transform
 from ..rollout.speculative import verify_drafts
 from .controller import CostProfile
@@ -42,8 +43,6 @@ def _median_time(fn, reps: int) -> float:
 
 @torch.no_grad()
 def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ctx: int = 96, reps: int = 5) -> CostProfile:
-    from ..drafter.base import DraftContext
-
     dev, V = model.device, model.cfg.vocab_size
     verify: dict[int, dict[int, float]] = {}
     draft: dict[int, float] = {}

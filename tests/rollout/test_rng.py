@@ -12,14 +12,6 @@ from respec.rollout.rng import LANE_ACCEPT, LANE_DRAFT, LANE_SAMPLE, request_key
 M32 = 0xFFFFFFFF
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add synchronization cost (badly so on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def reference_uniform(key: int, position: int, lane: int) -> float:
     """The same Murmur3 word hash with Python's unbounded ints: checks the tensor code never overflows."""

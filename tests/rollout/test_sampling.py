@@ -18,14 +18,6 @@ from respec.rollout.sampling import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add synchronization cost (badly so on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def chi2_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
     """Pearson chi-square goodness of fit, cells with expected > 0; p-value via the upper incomplete gamma."""

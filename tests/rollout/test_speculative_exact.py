@@ -40,14 +40,6 @@ V = 5  # toy vocabulary
 PAD = 0  # draft token written at slots >= draft_len
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add synchronization cost (badly so on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def normalized(probs: Tensor) -> Tensor:
     probs = probs.double()

@@ -237,6 +237,10 @@ class _BatchState:
         self.generated = torch.zeros(rows, dtype=torch.long, device=dev)
         self.budget = torch.zeros(rows, dtype=torch.long, device=dev)
         self.keys = torch.zeros(rows, dtype=torch.long, device=dev)
+        # every uniform a row can need, drawn once at admission: (S, 3 lanes, T positions) float64.
+        # The keyed hash is the same one rng.uniforms computes per call; a table turns ~40 small
+        # integer ops per iteration into one gather.
+        self.u_table = torch.zeros(rows, 3, self.T, dtype=torch.float64, device=dev)
         self.slot_req: list[int] = []  # request index of each active slot
         self.finished_count = 0
         if engine.drafter is not None:
@@ -284,6 +288,11 @@ class _BatchState:
             self.generated[slot] = 0
             self.budget[slot] = r.max_new_tokens
             self.keys[slot] = rng.request_key(self.e.seed, r.id, r.sample_index)
+        slots = torch.arange(lo, lo + len(order), device=self.dev)
+        lanes = torch.arange(3, device=self.dev)  # table row i holds lane i (LANE_SAMPLE, _DRAFT, _ACCEPT)
+        positions = torch.arange(self.T, device=self.dev).repeat(3)  # (3T,) lane-major
+        table = rng.uniforms(self.keys[slots], positions.expand(len(order), -1), lanes.repeat_interleave(self.T))
+        self.u_table[slots] = table.view(len(order), 3, self.T)
 
     # ---- one decode iteration -------------------------------------------------------------------
     def step(self) -> bool:
@@ -300,12 +309,13 @@ class _BatchState:
         if k > 0:
             k = int(k_row.max())  # host sync; plain iterations skip it
 
-        # every uniform of the round in one hash evaluation: drafts and accept tests for positions
-        # L+1..L+k, and the resampled/bonus token at emitted slot j (position L+1+j)
+        # the round's uniforms, from the table: drafts and accept tests for positions L+1..L+k, and
+        # the resampled/bonus token at emitted slot j (position L+1+j)
         pos = L[:, None] + 1 + torch.arange(k + 1, device=dev)  # (B, k+1)
-        lanes = torch.tensor([rng.LANE_DRAFT] * k + [rng.LANE_ACCEPT] * k + [rng.LANE_SAMPLE] * (k + 1), device=dev)
-        u = rng.uniforms(self.keys[:B], torch.cat([pos[:, :k], pos[:, :k], pos], dim=1), lanes)
-        u_draft, u_accept, u_sample = u.split([k, k, k + 1], dim=1)
+        rows = torch.arange(B, device=dev)[:, None]
+        u_sample = self.u_table[rows, rng.LANE_SAMPLE, pos]  # (B, k+1)
+        u_draft = self.u_table[rows, rng.LANE_DRAFT, pos[:, :k]]  # (B, k)
+        u_accept = self.u_table[rows, rng.LANE_ACCEPT, pos[:, :k]]  # (B, k)
 
         t_draft = time.perf_counter()
         fallback = 0
@@ -412,7 +422,7 @@ class _BatchState:
                 self.e.drafter.move_rows(keep_tail, holes)
             src = torch.tensor(keep_tail, device=self.dev)
             dst = torch.tensor(holes, device=self.dev)
-            for buf in (self.tokens, self.target_len, self.draft_len, self.generated, self.budget, self.keys):
+            for buf in (self.tokens, self.target_len, self.draft_len, self.generated, self.budget, self.keys, self.u_table):
                 buf[dst] = buf[src]
             if self.features is not None:
                 self.features[dst] = self.features[src]

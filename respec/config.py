@@ -306,7 +306,7 @@ class TrainRLConfig:
 
 @dataclass(frozen=True)
 class TrainOptimConfig:
-    lr: float = _help("peak AdamW learning rate", 2e-4)
+    lr: float = _help("peak AdamW learning rate", 5e-5)
     schedule: str = _help("after warm-up: cosine (down to min_lr_ratio * lr at the last step) | constant", "cosine")
     warmup_steps: int = _help("linear warm-up, in training steps", 10)
     min_lr_ratio: float = _help("cosine floor as a fraction of lr", 0.1)

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     target = tiny_lm(0)
     drafter = DraftModelDrafter(perturbed(target, 0.08, 1))
     max_new = 24
-    rows_per_seed = max(64, args.tokens // (args.seeds * max_new))
+    rows_per_seed = max(64, -(-args.tokens // (args.seeds * max_new)))  # ceil: at least --tokens in total
     per_seed, all_p = [], []
     t0 = time.perf_counter()
     for seed in range(args.seeds):

@@ -73,6 +73,10 @@ class RolloutBatch:
         )
 
     def chunks(self, rows: Tensor, size: int) -> list["RolloutBatch"]:
+        """Micro-batches of `rows`, grouped by sequence length so each is padded only to its own
+        longest row (the gradient is a sum over micro-batches: grouping changes no result)."""
+        lengths = (self.response_start + self.mask.sum(1))[rows]
+        rows = rows[torch.sort(lengths, stable=True).indices]
         return [self.select(rows[i : i + size]) for i in range(0, rows.numel(), size)]
 
 

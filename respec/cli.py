@@ -1,4 +1,4 @@
-"""The one entry point: `respec {generate,pretrain,train,distill,bench} ...`.
+"""The one entry point: `respec {generate,pretrain,train,distill,bench,plot,compare} ...`.
 
 Every subcommand's flags are generated from its config dataclass (config.py), so defaults live in
 one place; `--config FILE.toml` supplies values, flags override them, and the resolved config is
@@ -73,9 +73,19 @@ def _commands() -> list[_Command]:
     except ImportError:
         pass
     try:
-        from .rl.run import run_train_cli
+        from .rl.run import add_train_args, run_train_cli
 
-        cmds.append(_Command("train", "GRPO training of an actor on verifiable rewards", C.TrainConfig, run_train_cli))
+        cmds.append(_Command("train", "GRPO training of an actor on verifiable rewards (--resume RUN_DIR continues one)",
+                             C.TrainConfig, run_train_cli, add_train_args))
+    except ImportError:
+        pass
+    try:
+        from .rl.plots import add_compare_args, add_plot_args, run_compare_cli, run_plot_cli
+
+        cmds.append(_Command("plot", "PNG plots of a training run's metrics into RUN_DIR/plots/", None, run_plot_cli,
+                             add_plot_args))
+        cmds.append(_Command("compare", "side-by-side table and reward overlays of several training runs", None,
+                             run_compare_cli, add_compare_args))
     except ImportError:
         pass
     return cmds

@@ -331,6 +331,10 @@ class TrainOutputConfig:
     dir: str = _help("run directory; empty = runs/<timestamp>", "")
     tensorboard: bool = _help("also write TensorBoard scalars (needs the tensorboard package)", True)
     save_actor: bool = _help("save the trained actor (HF format) in <dir>/actor at the end", True)
+    checkpoint_every: int = _help(
+        "write a resumable checkpoint (<dir>/checkpoints/step-NNNNNN) every N steps and at the end; 0 = off", 50)
+    keep_checkpoints: int = _help("checkpoints kept on disk (oldest deleted first); 0 = keep all", 2)
+    plots: bool = _help("write PNG plots of the run's metrics into <dir>/plots at the end (needs matplotlib)", True)
 
 
 @dataclass(frozen=True)
@@ -392,3 +396,5 @@ class TrainConfig:
         need(e.every >= 0, "eval.every", ">= 0")
         need(e.heldout >= 0, "eval.heldout", ">= 0")
         need(e.max_new_tokens >= 0, "eval.max_new_tokens", ">= 0")
+        need(self.output.checkpoint_every >= 0, "output.checkpoint_every", ">= 0")
+        need(self.output.keep_checkpoints >= 0, "output.keep_checkpoints", ">= 0")

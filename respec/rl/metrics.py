@@ -122,3 +122,20 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> list[dict[str, Any]]:
+    """Keep the records of a run as it stood at a checkpoint after `step` completed steps.
+
+    Train records have 0-based step indices (kept when < step); eval records count completed steps
+    (kept when <= step: the evaluation at a checkpoint step runs before the checkpoint is written).
+    The file is rewritten atomically (a crash leaves the old or the new file, never a mix); torn
+    lines are dropped. Returns the kept records."""
+    from ..io import atomic_write_jsonl
+
+    path = Path(path)
+    records = read_metrics(path) if path.is_file() else []
+    kept = [r for r in records
+            if (r.get("kind") == "train" and r["step"] < step) or (r.get("kind") == "eval" and r["step"] <= step)]
+    atomic_write_jsonl(path, kept)
+    return kept

@@ -4,7 +4,16 @@ With no arguments this is the embedded default workload: the built-in actor (bui
 first use, tasks/pretrain.py) on the built-in arithmetic task, its fixed held-out set for
 evaluation, and the exact_answer reward. The run directory (output.dir, default runs/<timestamp>)
 receives config.toml (the resolved config) at start, metrics.jsonl (+ tensorboard/) per step,
-summary.json and the trained actor in HF format (actor/, written atomically) at the end.
+summary.json and the trained actor in HF format (actor/, written atomically) at the end, resumable
+checkpoints under checkpoints/ (output.checkpoint_every, checkpoint.py) and PNG plots under plots/.
+
+Resume (`respec train --resume RUN_DIR`): the run's config.toml is loaded and command-line flags
+(and a --config file) are applied on top. A flag may change only the keys in `RESUMABLE_KEYS` -
+`steps` (to extend the run; only with optim.schedule = constant, since the cosine schedule's horizon
+is `steps`) and the output keys that do not touch the training trajectory; any other key that
+differs from the saved value is refused with an error naming it. The latest checkpoint is verified
+and loaded (actor, optimizer, tuner state; the step fixes every later random choice), metrics.jsonl
+is cut back to that checkpoint atomically, and training continues, appending to it.
 """
 
 from __future__ import annotations
@@ -18,15 +27,54 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import ConfigValueError, TrainConfig, parse_spec, to_toml
+from ..config import ConfigValueError, TrainConfig, build, load_toml, merge, overrides_from_args, parse_spec, to_toml
 from ..io import atomic_write_text
 from ..models import load_pretrained, save_pretrained
 from ..rollout.engine import Engine, StaticK
 from ..tasks.arithmetic import ArithmeticTask
 from ..tasks.data import builtin_prompts, load_prompts
 from ..tasks.reward import CombinedReward
-from .metrics import MetricsLogger
-from .trainer import DatasetPrompts, GRPOTrainer, TaskPrompts, TrainSummary, check_records, prompt_encoder
+from .metrics import MetricsLogger, truncate_metrics
+from .trainer import (DatasetPrompts, GRPOTrainer, History, TaskPrompts, TrainSummary, check_records,
+                      prompt_encoder)
+
+# Keys a resumed run may set differently from the saved config (see the module docstring).
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "steps", "output.tensorboard", "output.save_actor", "output.checkpoint_every", "output.keep_checkpoints",
+    "output.plots",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
+    """RUN_DIR/config.toml + overrides, refusing (naming the key) changes that alter the trajectory."""
+    run_dir = Path(run_dir)
+    saved_values = load_toml(run_dir / "config.toml")
+    saved = build(TrainConfig, saved_values)
+    overrides = merge(overrides, {"output": {"dir": str(run_dir)}})
+    cfg = build(TrainConfig, merge(saved_values, overrides))
+    old, new = _flatten(asdict(saved)), _flatten(asdict(cfg))
+    for key in old:
+        if key == "output.dir" or old[key] == new[key]:
+            continue
+        if key not in RESUMABLE_KEYS:
+            raise ConfigValueError(
+                f"--resume {run_dir}: {key} = {new[key]!r} conflicts with the saved run's {old[key]!r}; it changes "
+                f"the training trajectory (only {', '.join(RESUMABLE_KEYS)} may differ)")
+        if key == "steps" and cfg.optim.schedule != "constant":
+            raise ConfigValueError(
+                f"--resume {run_dir}: steps = {new[key]!r} conflicts with the saved run's {old[key]!r}: the "
+                f"{cfg.optim.schedule} learning-rate schedule spans `steps`, so changing it changes the trajectory")
+    return cfg
 
 
 def make_run_dir(requested: str) -> Path:
@@ -46,10 +94,14 @@ class TrainRun(NamedTuple):
     run_dir: Path
 
 
-def run_train(cfg: TrainConfig, progress: bool = True) -> TrainRun:
+def run_train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> TrainRun:
+    """Train per cfg; with resume, continue the run in cfg.output.dir from its latest checkpoint
+    (cfg from `resume_config`)."""
     cfg.validate()
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigValueError(f"device is {cfg.device!r} but CUDA is not available")
+    if resume and not (Path(cfg.output.dir) / "checkpoints").is_dir():
+        raise ConfigValueError(f"--resume {cfg.output.dir}: no checkpoints/ directory there")
     run_dir = make_run_dir(cfg.output.dir)
     atomic_write_text(run_dir / "config.toml", to_toml(cfg))
 
@@ -92,25 +144,52 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainRun:
     engine = Engine(model, eos_token_ids=pre.eos_token_ids, drafter=drafter, policy=policy,
                     max_batch=cfg.rollout.max_batch, seed=cfg.seed)
     decode = tok.decode if tok is not None else (lambda ids: " ".join(map(str, ids)))
-    logger = MetricsLogger(run_dir, cfg.output.tensorboard)
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
     trainer = GRPOTrainer(cfg, model, engine, prompts, reward, encode=prompt_encoder(tok, cfg.data.chat_template),
-                          decode=decode, heldout=heldout, logger=logger, progress=say)
+                          decode=decode, heldout=heldout, progress=say, checkpoint_dir=run_dir / "checkpoints")
+    start, history = 0, None
+    if resume:
+        state = trainer.restore()  # verified before anything is changed on disk
+        history = History.from_records(truncate_metrics(run_dir / "metrics.jsonl", state.step))
+        start = state.step
+        if say is not None:
+            say(f"resuming {run_dir} after step {start} of {cfg.steps}")
+    trainer.logger = MetricsLogger(run_dir, cfg.output.tensorboard)
     try:
-        summary = trainer.fit()
+        summary = trainer.fit(start, history)
     finally:
-        logger.close()
+        trainer.logger.close()
     if cfg.output.save_actor:
         save_pretrained(model, run_dir / "actor", tokenizer=tok, eos_token_ids=pre.eos_token_ids)
     atomic_write_text(run_dir / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
+    if cfg.output.plots:
+        from .plots import PlotError, plot_run
+
+        try:
+            plot_run(run_dir)
+        except PlotError as e:  # a missing plotting library must not fail a finished run
+            print(f"respec train: {e}", file=sys.stderr)
     return TrainRun(summary, run_dir)
+
+
+def add_train_args(p) -> None:
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest checkpoint (flags may only change the keys in "
+                        f"respec.rl.run.RESUMABLE_KEYS: {', '.join(RESUMABLE_KEYS)})")
 
 
 def run_train_cli(cfg: TrainConfig, args) -> int:
     from ..tasks.reward import RewardError
 
+    resume = args.resume
+    if resume:
+        overrides = overrides_from_args(args, TrainConfig)
+        if args.config:
+            overrides = merge(load_toml(args.config), overrides)
+        cfg = resume_config(resume, overrides)
+        print(f"# respec train --resume: the run's config with overrides\n" + to_toml(cfg), file=sys.stderr)
     try:
-        summary, run_dir = run_train(cfg, progress=True)
+        summary, run_dir = run_train(cfg, progress=True, resume=bool(resume))
     except RewardError as e:  # a RuntimeError by design (the reward code misbehaved, not the input)
         print(f"respec train: error: {e}", file=sys.stderr)
         return 2

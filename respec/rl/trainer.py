@@ -19,8 +19,10 @@ One training step (`GRPOTrainer.train_step`):
 Determinism and resume: every random choice derives from (seed, step, purpose) - prompts from
 `PromptSource.batch(step)`, sampling from the engine's per-request keys (request id
 "train/<step>/<prompt id>", sample index), minibatch order from `derive_seed(seed, step,
-"minibatch")` - so a checkpoint at a step boundary (model + optimizer state) is all an exact
-resume will need. Evaluation requests are keyed "eval/<prompt id>" without the step: every
+"minibatch")` - so a checkpoint at a step boundary (model + optimizer state + the step, plus the
+adaptive tuner's state when speculation is adaptive) is all an exact resume needs (checkpoint.py).
+`fit` writes one every output.checkpoint_every steps and at the end when a checkpoint directory is
+given; `restore` + `fit(start_step, history)` continue a run with bit-identical next steps. Evaluation requests are keyed "eval/<prompt id>" without the step: every
 evaluation of a prompt uses the same uniforms (common random numbers), which makes the
 before/after comparison less noisy than independent samples would.
 
@@ -53,6 +55,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -66,6 +69,7 @@ from ..tasks.data import DataError, PromptDataset, PromptRecord, builtin_prompts
 from ..tasks.reward import CombinedReward, RewardResult
 from .advantages import compute_advantages
 from .batch import RolloutBatch, build_batch, response_logits, token_logprobs
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .loss import LossStats, merge_stats, policy_loss
 from .metrics import MetricsLogger, spec_stats, speedup_ceiling
 
@@ -177,6 +181,22 @@ class EvalResult:
 
 
 @dataclass(frozen=True)
+class History:
+    """What a resumed run inherits from before its checkpoint, so its summary covers the whole run."""
+
+    reward_means: list[float]  # per completed step, in order
+    evals: list[EvalResult]  # in order of step
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict[str, Any]]) -> "History":
+        train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: r["step"])
+        evals = [EvalResult(r["step"], r["eval_n"], r["eval_pass_rate_t0"], r["eval_pass_rate_sampled"],
+                            r["eval_reward_mean_sampled"], r["eval_s"])
+                 for r in sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: r["step"])]
+        return cls([r["reward_mean"] for r in train], evals)
+
+
+@dataclass(frozen=True)
 class TrainSummary:
     steps: int
     reward_first: float  # mean step reward over the first 10% of steps (at least one)
@@ -224,6 +244,7 @@ class GRPOTrainer:
         heldout: Sequence[PromptRecord] = (),
         logger: MetricsLogger | None = None,
         progress: Callable[[str], None] | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> None:
         cfg.validate()
         self.cfg, self.model, self.engine, self.prompts, self.reward = cfg, model, engine, prompts, reward
@@ -231,6 +252,7 @@ class GRPOTrainer:
         self.decode = decode
         self.heldout = list(heldout)
         self.logger, self.progress = logger, progress
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         r = cfg.rollout
         self.sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
         self.device = model.device
@@ -413,15 +435,42 @@ class GRPOTrainer:
         return EvalResult(step, len(records), out["t0"][0], out["sampled"][0], out["sampled"][1],
                           time.perf_counter() - t0)
 
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self, done: int) -> Path:
+        """Checkpoint after `done` completed steps into checkpoint_dir (atomic; checkpoint.py)."""
+        assert self.checkpoint_dir is not None
+        return save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer,
+                               data_position=done * self.cfg.rollout.prompts_per_step, policy=self.engine.policy,
+                               keep=self.cfg.output.keep_checkpoints)
+
+    def restore(self, path: Path | None = None) -> TrainState:
+        """Load a checkpoint (default: checkpoint_dir's latest) into the actor, optimizer and policy.
+
+        Build the trainer from the run's *initial* actor first: the reference model (kl_beta > 0) is
+        the copy taken at construction, i.e. the initial weights, as in the uninterrupted run."""
+        path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_dir)
+        state = load_checkpoint(path, self.model, self.optimizer, self.engine.policy)
+        expected = state.step * self.cfg.rollout.prompts_per_step
+        if state.data_position != expected:
+            raise TrainError(f"{path}: data position {state.data_position} != step {state.step} x "
+                             f"rollout.prompts_per_step {self.cfg.rollout.prompts_per_step}")
+        self.sync_weights()
+        return state
+
     # ---- the loop -----------------------------------------------------------------------------
-    def fit(self) -> TrainSummary:
+    def fit(self, start_step: int = 0, history: History | None = None) -> TrainSummary:
+        """Steps start_step .. cfg.steps - 1; a resumed run passes the step and History it restored."""
         cfg = self.cfg
         t_start = time.perf_counter()
         if self.heldout:
             check_records(self.heldout, self.reward.names, "held-out prompts")
-        evals = [self._eval_and_log(0)] if self.heldout else []
-        reward_means = []
-        for step in range(cfg.steps):
+        history = history or History([], [])
+        evals = list(history.evals)
+        if self.heldout and start_step == 0:
+            evals = [self._eval_and_log(0)]
+        reward_means = list(history.reward_means[:start_step])
+        every = cfg.output.checkpoint_every if self.checkpoint_dir is not None else 0
+        for step in range(start_step, cfg.steps):
             m = self.train_step(step)
             reward_means.append(m["reward_mean"])
             if self.logger is not None:
@@ -431,6 +480,8 @@ class GRPOTrainer:
             done = step + 1
             if self.heldout and (done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
                 evals.append(self._eval_and_log(done))
+            if every and (done % every == 0 or done == cfg.steps):
+                self.save_checkpoint(done)
         k = max(1, round(0.1 * cfg.steps))
         return TrainSummary(
             steps=cfg.steps, reward_first=sum(reward_means[:k]) / k, reward_last=sum(reward_means[-k:]) / k,

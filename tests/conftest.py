@@ -9,6 +9,21 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests never read or write the user's respec cache (built-in actor, drafters, cost profiles):
+    anything a test needs it builds itself, so a clean CI machine behaves like this one."""
+    import os
+
+    old = os.environ.get("RESPEC_CACHE")
+    os.environ["RESPEC_CACHE"] = str(tmp_path_factory.mktemp("respec-cache"))
+    yield
+    if old is None:
+        os.environ.pop("RESPEC_CACHE", None)
+    else:
+        os.environ["RESPEC_CACHE"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

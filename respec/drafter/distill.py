@@ -314,7 +314,7 @@ def _lr_at(step: int, cfg: DistillConfig) -> float:
 def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillReport:
     """Distil a fresh EAGLE head against the actor and save it to cfg.output (atomically)."""
     from ..models import load_pretrained
-    from ..tasks.pretrain import _Bar
+    from ..report.progress import ProgressBar
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -343,7 +343,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillReport:
     tau_before = tau()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     order = random.Random(cfg.seed)
-    bar = _Bar(cfg.max_steps, "distill", progress)
+    bar = ProgressBar(cfg.max_steps, "distill", progress)
     pool: list[Sample] = []
     queue: list[list[int]] = []
     stats: dict = {}

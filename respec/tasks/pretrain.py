@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..config import _help
 from ..models import ModelConfig, Tokenizer, Transformer, save_pretrained
+from ..report.progress import ProgressBar
 from .arithmetic import ArithmeticTask
 from .tokenizer import EOS, PAD, VOCAB, build_tokenizer, save_tokenizer_files
 
@@ -130,7 +131,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, progress: bool = True) -> dict:
     )
     eos, pad = mcfg.eos_token_ids[0], mcfg.pad_token_id
     t0 = time.perf_counter()
-    bar = _Bar(cfg.steps, "pretrain", progress)
+    bar = ProgressBar(cfg.steps, "pretrain", progress)
     loss_ema = None
     batches = _batches(tok, task, cfg, eos, pad)
     for step in range(cfg.steps):
@@ -203,30 +204,3 @@ def run_pretrain_cli(cfg: PretrainConfig, args) -> int:
     if meta.is_file():
         print(meta.read_text())
     return 0
-
-
-class _Bar:
-    """A rich progress bar when attached to a terminal, else a line every 10%."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled = total, label, enabled
-        self._p = None
-        self._next = 0
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._p = Progress(f"[bold]{label}", BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                               TimeElapsedColumn(), TimeRemainingColumn())
-            self._p.start()
-            self._task = self._p.add_task("", total=total)
-
-    def update(self, done: int, text: str = "") -> None:
-        if self._p is not None:
-            self._p.update(self._task, completed=done, description=text)
-        elif self.enabled and done >= self._next:
-            print(f"{self.label}: {done}/{self.total} {text}", file=sys.stderr, flush=True)
-            self._next = done + max(1, self.total // 10)
-
-    def close(self) -> None:
-        if self._p is not None:
-            self._p.stop()

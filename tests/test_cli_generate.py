@@ -149,3 +149,14 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "generate" in capsys.readouterr().out
+
+
+def test_generate_with_adaptive_speculation_is_the_same_greedy(actor_dir, tmp_path):
+    """`--spec adaptive` profiles costs once (cached), then picks off/k per iteration: same tokens."""
+    inp = write(tmp_path / "in.jsonl", [{"id": i, "prompt": f"Q: {i}+{i}=\n"} for i in range(6)])
+    args = ["generate", "--model", str(actor_dir), "--input", str(inp), "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(args + ["--output", str(tmp_path / "plain.jsonl")]) == 0
+    assert main(args + ["--output", str(tmp_path / "adaptive.jsonl"), "--drafter", str(actor_dir), "--spec", "adaptive"]) == 0
+    plain = [json.loads(x)["token_ids"] for x in (tmp_path / "plain.jsonl").read_text().splitlines()]
+    adaptive = [json.loads(x)["token_ids"] for x in (tmp_path / "adaptive.jsonl").read_text().splitlines()]
+    assert plain == adaptive

@@ -215,6 +215,7 @@ class DistillConfig:
     max_new_tokens: int = _help("generation budget per sample (pools and held-out measurement)", 320)
     eval_prompts: int = _help("held-out prompts for measured acceptance before/after (0 = skip)", 16)
     seed: int = _help("head initialisation, sampling and batch-order seed", 0)
+    head_intermediate_size: int = _help("MLP width of the head; 0 = the actor's", 0)
 
     def validate(self) -> None:
         if not self.output:
@@ -332,7 +333,8 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillReport:
     prompts = _Prompts(cfg, tok)
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    head = EagleHead(EagleConfig.for_target(actor.cfg, actor=str(actor_dir.resolve()))).init_weights(gen)
+    head = EagleHead(EagleConfig.for_target(actor.cfg, actor=str(actor_dir.resolve()),
+                                            intermediate_size=cfg.head_intermediate_size)).init_weights(gen)
     head.to(actor.device)
 
     def tau() -> float | None:

@@ -60,11 +60,13 @@ class EagleConfig:
     actor: str = ""  # name/path of the actor it was trained against (checked at load)
 
     @classmethod
-    def for_target(cls, cfg: ModelConfig, actor: str = "") -> "EagleConfig":
+    def for_target(cls, cfg: ModelConfig, actor: str = "", intermediate_size: int = 0) -> "EagleConfig":
+        """The head for an actor; `intermediate_size` 0 = the actor's MLP width (a narrower MLP makes
+        each draft step cheaper, at some cost in acceptance)."""
         return cls(
             hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
             feature_layers=default_feature_layers(cfg.num_layers), num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+            num_kv_heads=cfg.num_kv_heads, intermediate_size=intermediate_size or cfg.intermediate_size,
             rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope.theta, actor=actor,
         )
 

@@ -33,21 +33,6 @@ def _section(cls: type, text: str) -> Any:
 
 # ---- generation ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = _help("sampling temperature; 0 = greedy", 1.0)
-    top_p: float = _help("nucleus sampling: keep the smallest set reaching this mass (1 = off)", 1.0)
-    top_k: int = _help("keep the k most likely tokens (0 = off)", 0)
-
-    def validate(self, prefix: str = "") -> None:
-        if not (self.temperature >= 0 and self.temperature < float("inf")):
-            raise ConfigValueError(f"{prefix}temperature must be a finite number >= 0, got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise ConfigValueError(f"{prefix}top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigValueError(f"{prefix}top_k must be >= 0, got {self.top_k}")
-
-
-@dataclass(frozen=True)
 class GenerateConfig:
     model: str = _help("HF-format checkpoint directory (Llama / Qwen2 / Qwen3); empty = the built-in actor", "")
     input: str = _help("JSONL of {id, prompt} or {id, prompt_ids} rows, or builtin:N (N held-out task problems)", "")
@@ -67,7 +52,9 @@ class GenerateConfig:
     on_bad_row: str = _help("malformed input rows: stop (error naming the line) | skip (counted, line numbers reported)", "stop")
 
     def validate(self) -> None:
-        SamplingConfig(self.temperature, self.top_p, self.top_k).validate()
+        from .rollout.sampling import SamplingParams
+
+        SamplingParams(self.temperature, self.top_k, self.top_p)  # the one place sampling values are validated
         if not self.input:
             raise ConfigValueError("input is required (--input prompts.jsonl)")
         if not self.output:

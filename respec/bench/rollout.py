@@ -20,7 +20,6 @@ import argparse
 import json
 import resource
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ import torch
 from ..models import load_pretrained
 from ..rollout.engine import Engine, Request, StaticK
 from ..rollout.sampling import SamplingParams
+from ..tuner.profile import measure_profile
 from .protocol import device_info, interleaved, ratio_ci, timed, write_results
 
 
@@ -47,36 +47,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results/rollout")
 
 
-@torch.no_grad()
-def profile_costs(model, drafter, B: int, ks: list[int], ctx: int = 64, reps: int = 7) -> dict:
-    """Median latency (s) of a target forward with q tokens per row, and of one drafter step."""
-    cache = model.new_cache(B, ctx + 16)
-    start = torch.full((B,), ctx, dtype=torch.long)
-    out = {"verify": {}, "draft": None}
-    for q in sorted({1} | {k + 1 for k in ks}):
-        toks = torch.randint(3, model.cfg.vocab_size, (B, q))
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            model(toks, start=start, cache=cache, hidden_layers=drafter.feature_layers)
-            ts.append(time.perf_counter() - t0)
-        out["verify"][q] = statistics.median(ts[1:])
-    head = getattr(drafter, "head", None)
-    if head is not None:
-        dcache = type(cache)(1, B, head.cfg.num_kv_heads, ctx + 16, head.cfg.hidden_size // head.cfg.num_heads,
-                             model.dtype, model.device)
-        emb = model.embed(torch.randint(3, model.cfg.vocab_size, (B, 1)))
-        feat = torch.randn(B, 1, model.cfg.hidden_size, dtype=model.dtype)
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            h = head.step(emb, feat, start, dcache)
-            head.logits(model, h)
-            ts.append(time.perf_counter() - t0)
-        out["draft"] = statistics.median(ts[1:])
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from ..generate import builtin_actor_dir, load_drafter
 
@@ -92,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     task = ArithmeticTask(seed=12345)
     problems = task.problems(0, max(batches + [args.rollout_prompts]))
     peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    records, costs = [], {}
+    # the same cost profile the adaptive controller uses (tuner/profile.py)
+    costs = measure_profile(model, drafter, batch_sizes=tuple(batches), max_k=max(ks))
+    records = []
     for temp in [float(t) for t in args.temperatures.split(",")]:
         sampling = SamplingParams(temperature=temp)
         for B in batches:
@@ -110,9 +82,6 @@ def run(args: argparse.Namespace) -> int:
                 return lambda: timed(go)
 
             res = interleaved({str(k): runner(k) for k in engines}, reps=args.reps)
-            if B not in costs:
-                costs[B] = profile_costs(model, drafter, B, ks)
-            c = costs[B]
             for k in ks:
                 r = ratio_ci(res[str(k)], res["0"])
                 runs = stats[k][1:]  # drop the warm-up
@@ -120,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                 acc_at = [sum(sum(rd.accepted_at[j] for rd in x.rounds if len(rd.accepted_at) > j) for x in runs) /
                           max(1, sum(sum(rd.drafted_at[j] for rd in x.rounds if len(rd.drafted_at) > j) for x in runs))
                           for j in range(k)]
-                pred = tau * c["verify"][1] / (k * (c["draft"] or 0.0) + c["verify"][k + 1])
+                pred = tau * costs.verify_cost(B, 1) / (k * costs.draft_cost(B) + costs.verify_cost(B, k + 1))
                 rec = {"temperature": temp, "batch_size": B, "k": k,
                        "tokens_per_s_plain": statistics.median(res["0"]), "tokens_per_s_spec": statistics.median(res[str(k)]),
                        "speedup": r.median, "speedup_ci95": [r.lo, r.hi], "mean_accept_len": tau,
@@ -135,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = device_info()
     payload = {"info": info, "model": str(model_dir), "drafter": str(drafter_dir), "new_tokens": args.new_tokens,
-               "records": records, "costs_s": {str(b): v for b, v in costs.items()}, "whole_rollouts": rollouts,
+               "records": records, "costs_s": costs.to_dict(), "whole_rollouts": rollouts,
                "hf_baselines": hf, "peak_rss_mb": round(peak_mb, 1), "rss_before_mb": round(peak0 / 1024, 1)}
     md = render_table(payload)
     write_results(Path(args.out), payload, md)

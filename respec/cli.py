@@ -36,6 +36,8 @@ def _run_generate(cfg: C.GenerateConfig, args: argparse.Namespace) -> int:
 _BENCHES = {
     "decode": ("plain decoding tokens/s, respec vs transformers generate", "respec.bench.decode"),
     "rollout": ("plain vs speculative rollouts on the built-in actor (batch sweep, k sweep, whole rollouts)", "respec.bench.rollout"),
+    "adaptive": ("adaptive speculation vs plain vs every static k (fixed batches, whole GRPO rollouts)", "respec.bench.adaptive"),
+    "grpo": ("GRPO runs with speculation on vs off over seeds: same curves, less generation time", "respec.bench.grpo"),
     "lossless": ("the pooled losslessness test at >= 10^6 tokens over 20 seeds", "respec.bench.lossless"),
 }
 

@@ -45,7 +45,11 @@ class GenerateConfig:
     top_k: int = _help("top-k filter (0 = off)", 0)
     chat_template: bool = _help("apply the checkpoint's chat template to text prompts", False)
     drafter: str = _help("drafter directory (EAGLE head or a standalone draft LM checkpoint)", "")
-    spec: str = _help("speculation: off | K (static draft length)", "off")
+    spec: str = _help("speculation: adaptive (the tuner picks off or k each decode iteration) | off | K (static draft length, "
+                      "SGLang speculative_num_steps = K); adaptive without a drafter decodes plainly", "adaptive")
+    speculative_num_steps: int = _help("SGLang's name: the deepest draft the adaptive tuner may choose (1..16)", 8)
+    speculative_num_draft_tokens: int = _help(
+        "SGLang's name: tokens verified per row per round; chain drafts verify num_steps + 1 (0 = derived)", 0)
     dtype: str = _help("float32 | bfloat16", "float32")
     device: str = _help("cpu | cuda", "cpu")
     max_batch: int = _help("maximum rows decoded together", 64)
@@ -62,11 +66,29 @@ class GenerateConfig:
         for key in ("n", "max_new_tokens", "max_batch"):
             if getattr(self, key) < 1:
                 raise ConfigValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        parse_spec(self.spec, "spec")
+        spec_settings(self.spec, self.speculative_num_steps, self.speculative_num_draft_tokens)
         if self.on_bad_row not in ("stop", "skip"):
             raise ConfigValueError(f"on_bad_row must be 'stop' or 'skip', got {self.on_bad_row!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+def spec_settings(spec: str, num_steps: int, num_draft_tokens: int, prefix: str = "") -> tuple[int | str, int]:
+    """Validate the speculation keys -> (0 | K | 'adaptive', deepest draft the tuner may choose).
+
+    SGLang's keys mean the same here: speculative_num_steps is the draft depth, and with chain
+    drafting (SGLang's speculative_eagle_topk = 1, the only shape respec drafts) the tokens verified
+    per row are speculative_num_draft_tokens = num_steps + 1. `spec = K` is a static num_steps = K.
+    """
+    mode = parse_spec(spec, f"{prefix}spec")
+    if not 1 <= num_steps <= 16:
+        raise ConfigValueError(f"{prefix}speculative_num_steps must be in 1..16, got {num_steps!r}")
+    depth = mode if isinstance(mode, int) and mode > 0 else num_steps
+    if num_draft_tokens not in (0, depth + 1):
+        raise ConfigValueError(
+            f"{prefix}speculative_num_draft_tokens must be 0 (derived) or the draft depth + 1 = {depth + 1} "
+            f"(chain drafts verify every drafted token plus one), got {num_draft_tokens!r}")
+    return mode, num_steps
 
 
 def parse_spec(value: str, key: str = "spec") -> int | str:
@@ -265,7 +287,13 @@ class TrainRolloutConfig:
     temperature: float = _help("sampling temperature of the rollouts (> 0: the policy being trained)", 1.0)
     top_p: float = _help("nucleus mass of the rollouts (1 = off); the loss uses the recorded nucleus sizes", 1.0)
     top_k: int = _help("top-k of the rollouts (0 = off)", 0)
-    spec: str = _help("speculative rollouts: off | K (static draft length 1..16) | adaptive (tuner); needs rollout.drafter except with the built-in actor", "off")
+    spec: str = _help(
+        "speculative rollouts: adaptive (the tuner picks off or k every decode iteration from the active batch) | off | "
+        "K (static draft length 1..16); K needs rollout.drafter except with the built-in actor, adaptive without a "
+        "drafter decodes plainly", "adaptive")
+    speculative_num_steps: int = _help("SGLang's name: the deepest draft the adaptive tuner may choose (1..16)", 8)
+    speculative_num_draft_tokens: int = _help(
+        "SGLang's name: tokens verified per row per round; chain drafts verify num_steps + 1 (0 = derived)", 0)
     drafter: str = _help("drafter directory (EAGLE head or draft LM checkpoint) for rollout.spec", "")
     max_batch: int = _help("maximum rows the engine decodes together", 128)
 
@@ -354,9 +382,9 @@ class TrainConfig:
         need(0 < r.temperature < float("inf"), "rollout.temperature", "a finite number > 0 (greedy rollouts have no gradient)")
         need(0 < r.top_p <= 1, "rollout.top_p", "in (0, 1]")
         need(r.top_k >= 0, "rollout.top_k", ">= 0")
-        spec = parse_spec(r.spec, "rollout.spec")
-        need(not spec or bool(r.drafter) or not self.model, "rollout.drafter",
-             "a drafter directory when rollout.spec is not off (the built-in actor has a cached default)")
+        spec, _ = spec_settings(r.spec, r.speculative_num_steps, r.speculative_num_draft_tokens, "rollout.")
+        need(spec in (0, "adaptive") or bool(r.drafter) or not self.model, "rollout.drafter",
+             "a drafter directory when rollout.spec is a static K (the built-in actor has a cached default)")
         need(r.max_batch >= 1, "rollout.max_batch", ">= 1")
         need(rl.advantage in ("grpo", "dr_grpo"), "rl.advantage", "grpo or dr_grpo")
         need(rl.std_eps >= 0, "rl.std_eps", ">= 0")

@@ -7,13 +7,14 @@ Library use is the same path: `load_generator(cfg)` returns the engine and token
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import GenerateConfig, parse_spec
+from .config import GenerateConfig, spec_settings
 from .io import DataError, atomic_write_jsonl, read_jsonl
 from .models import Tokenizer, load_pretrained
 from .models.transformer import Transformer
@@ -40,17 +41,20 @@ def load_drafter(path: str | Path, target: Transformer, actor_path: str | None =
     return DraftModelDrafter(draft)
 
 
-def make_policy(spec: int | str, model: Transformer, drafter):
-    """`off`/K -> a static draft length; `adaptive` -> the controller over a cached cost profile."""
+def make_policy(spec: int | str, model: Transformer, drafter, max_k: int = 8):
+    """`off`/K -> a static draft length; `adaptive` -> the controller over a cached cost profile
+    (measured on first use per device, model shape and dtype), choosing k in 0..max_k."""
     if spec != "adaptive":
         return StaticK(int(spec))
     if drafter is None:
         return StaticK(0)
     from .tasks.pretrain import cache_root
-    from .tuner import AdaptiveK
+    from .tuner import AcceptanceModel, AdaptiveK
     from .tuner.profile import load_or_measure
 
-    return AdaptiveK(load_or_measure(model, drafter, cache_root() / "profiles"))
+    kw = {"max_k": max_k} if max_k > 8 else {}  # the default profile covers k <= 8
+    return AdaptiveK(load_or_measure(model, drafter, cache_root() / "profiles", **kw),
+                     acceptance=AcceptanceModel(max_k=max_k), max_k=max_k)
 
 
 def _validate_row(row: dict[str, Any]) -> None:
@@ -106,13 +110,17 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateReport:
                 raise DataError(f"{cfg.input}:{lineno}: text prompt but {model_dir} has no tokenizer.json")
             ids = tok.encode_chat(row["prompt"]) if cfg.chat_template else tok.encode(row["prompt"])
         prompts.append((str(row["id"]), ids))
-    spec = parse_spec(cfg.spec)
+    spec, max_k = spec_settings(cfg.spec, cfg.speculative_num_steps, cfg.speculative_num_draft_tokens)
     drafter = None
-    if cfg.drafter:
-        drafter = load_drafter(cfg.drafter, model, actor_path=model_dir)
-    elif spec and spec != "adaptive":
+    drafter_dir = cfg.drafter or (_cached_builtin_drafter(model_dir) if not cfg.model and spec else "")
+    if drafter_dir:
+        drafter = load_drafter(drafter_dir, model, actor_path=model_dir)
+    elif spec == "adaptive":
+        if progress:
+            print("respec generate: no drafter (--drafter DIR), so --spec adaptive decodes plainly", file=sys.stderr)
+    elif spec:
         raise DataError("--spec K needs --drafter DIR")
-    policy = make_policy(spec, model, drafter)
+    policy = make_policy(spec, model, drafter, max_k)
     engine = Engine(model, eos_token_ids=pre.eos_token_ids, drafter=drafter, policy=policy,
                     max_batch=cfg.max_batch, seed=cfg.seed)
     requests = [Request(pid, tuple(ids), s, cfg.max_new_tokens) for pid, ids in prompts for s in range(cfg.n)]
@@ -144,3 +152,12 @@ def builtin_actor_dir() -> Path:
     from .tasks.pretrain import ensure_builtin_actor
 
     return ensure_builtin_actor()
+
+
+def _cached_builtin_drafter(actor_dir) -> str:
+    """The built-in actor's drafter if it is already cached (`respec train` and `respec distill` build
+    it); generate never spends minutes distilling one on its own."""
+    from .tasks.pretrain import cache_root
+
+    d = cache_root() / f"drafter-{Path(actor_dir).resolve().name}"
+    return str(d) if (d / "model.safetensors").is_file() else ""

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import random
 import statistics
@@ -45,6 +46,41 @@ def ratio_ci(num: list[float], den: list[float], draws: int = 2000, seed: int = 
         for _ in range(draws)
     )
     return Ratio(point, boots[int(0.025 * draws)], boots[int(0.975 * draws) - 1])
+
+
+def student_t_sf(t: float, dof: float) -> float:
+    """P(T > t) for Student's t with `dof` degrees of freedom (no scipy):
+    0.5 * I_x(dof/2, 1/2) with x = dof / (dof + t^2), the regularized incomplete beta function
+    evaluated by its continued fraction (modified Lentz)."""
+    if t < 0:
+        return 1.0 - student_t_sf(-t, dof)
+    x, a, b = dof / (dof + t * t), dof / 2.0, 0.5
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 0.5
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point: use symmetry
+        return 0.5 * (1.0 - math.exp(log_front) * _beta_cf(1 - x, b, a) / b)
+    return 0.5 * math.exp(log_front) * _beta_cf(x, a, b) / a
+
+
+def _beta_cf(x: float, a: float, b: float, iters: int = 300, eps: float = 1e-15) -> float:
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, iters + 1):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
 
 
 def interleaved(runs: dict[str, Callable[[], float]], reps: int = 5, warmup: int = 1) -> dict[str, list[float]]:

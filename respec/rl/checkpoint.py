@@ -38,6 +38,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from ..io import atomic_write_text
 from ..models.checkpoint import atomic_replace_dir
 from ..tuner import AdaptiveK
+from ..tuner.controller import CostProfile
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -72,7 +73,7 @@ def policy_state(policy: object | None) -> dict | None:
         return policy.state()
     if isinstance(policy, AdaptiveK):
         return {"acceptance": policy.acceptance.state(), "current": policy.current, "dwell": policy.dwell,
-                "last_batch": policy.last_batch}
+                "last_batch": policy.last_batch, "profile": policy.profile.to_dict()}
     return None
 
 
@@ -84,6 +85,8 @@ def load_policy_state(policy: object | None, s: dict | None) -> None:
     elif isinstance(policy, AdaptiveK):
         policy.acceptance.load_state(s["acceptance"])
         policy.current, policy.dwell, policy.last_batch = s["current"], s["dwell"], s["last_batch"]
+        if "profile" in s:  # the costs the run decided with, not a re-measured (noisy) profile
+            policy.profile = CostProfile.from_dict(s["profile"])
 
 
 def checkpoint_name(step: int) -> str:

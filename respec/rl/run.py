@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import ConfigValueError, TrainConfig, build, load_toml, merge, overrides_from_args, parse_spec, to_toml
+from ..config import ConfigValueError, TrainConfig, build, load_toml, merge, overrides_from_args, spec_settings, to_toml
 from ..io import atomic_write_text
 from ..models import load_pretrained, save_pretrained
 from ..rollout.engine import Engine, StaticK
@@ -128,9 +128,14 @@ def run_train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> 
         prompts = TaskPrompts(task)
         heldout = list(builtin_prompts(task, cfg.eval.heldout, heldout=True).records)
 
-    spec = parse_spec(cfg.rollout.spec, "rollout.spec")
+    r = cfg.rollout
+    spec, max_k = spec_settings(r.spec, r.speculative_num_steps, r.speculative_num_draft_tokens, "rollout.")
     drafter, policy = None, StaticK(0)
-    if spec:
+    if spec == "adaptive" and not r.drafter and cfg.model:
+        if progress:
+            print("respec train: no rollout.drafter, so rollout.spec = adaptive decodes plainly "
+                  "(build one with `respec distill --model ...`)", file=sys.stderr)
+    elif spec:
         from ..generate import load_drafter, make_policy
 
         drafter_dir = cfg.rollout.drafter
@@ -139,7 +144,7 @@ def run_train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> 
 
             drafter_dir = str(ensure_builtin_drafter(Path(model_dir)))
         drafter = load_drafter(drafter_dir, model, actor_path=model_dir)
-        policy = make_policy(spec, model, drafter)  # adaptive: the tuner's acceptance EMA follows the actor as it trains
+        policy = make_policy(spec, model, drafter, max_k)  # adaptive: the tuner's acceptance EMA follows the actor as it trains
     # The engine holds the very model object the trainer updates: no copy to keep in sync.
     engine = Engine(model, eos_token_ids=pre.eos_token_ids, drafter=drafter, policy=policy,
                     max_batch=cfg.rollout.max_batch, seed=cfg.seed)

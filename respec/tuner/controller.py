@@ -20,6 +20,7 @@ least `min_dwell` iterations unless the active batch has crossed a profiled grid
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -131,7 +132,8 @@ class AdaptiveK:
     current: int = -1  # -1: nothing chosen yet
     dwell: int = 0
     last_batch: int = 0
-    decisions: list[tuple[int, int]] = field(default_factory=list)  # (active batch, k) per iteration
+    # (active batch, k) per decode iteration, the most recent ones (bounded: a run makes millions)
+    decisions: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=1 << 16))
 
     def predicted_throughput(self, B: int, k: int) -> float:
         if k == 0:

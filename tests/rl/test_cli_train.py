@@ -81,6 +81,11 @@ def test_train_two_steps_writes_config_metrics_and_actor(actor_dir, tmp_path, ca
     (["--model", "some/actor", "--rollout.spec", "2"], "rollout.drafter must be a drafter directory"),
     (["--rollout.temperature", "0"], "rollout.temperature must be a finite number > 0"),
     (["--rl.rewards", "exact_answer", "--rl.reward-weights", "1,2"], "rl.reward_weights must be empty or one weight"),
+    (["--rollout.speculative_num_steps", "0"], "rollout.speculative_num_steps must be in 1..16, got 0"),
+    (["--rollout.speculative_num_steps", "4", "--rollout.speculative_num_draft_tokens", "4"],
+     "rollout.speculative_num_draft_tokens must be 0 (derived) or the draft depth + 1 = 5"),
+    (["--rollout.spec", "3", "--rollout.speculative_num_draft_tokens", "9"],
+     "rollout.speculative_num_draft_tokens must be 0 (derived) or the draft depth + 1 = 4"),
 ])
 def test_invalid_config_values_name_the_key(tmp_path, capsys, flags, message):
     assert main(["train", "--output.dir", str(tmp_path / "run"), *flags]) == 2

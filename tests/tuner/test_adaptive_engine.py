@@ -1,0 +1,56 @@
+"""The adaptive controller driving the real engine: where the profile says speculation cannot pay,
+every decode iteration runs plain; where it pays, the engine speculates; and a checkpointed
+controller decides exactly as before (its cost profile travels with it)."""
+
+from __future__ import annotations
+
+import json
+
+
+from respec.bench.lossless import make_requests, perturbed, tiny_lm
+from respec.drafter import DraftModelDrafter
+from respec.rl.checkpoint import load_policy_state, policy_state
+from respec.rollout.engine import Engine
+from respec.rollout.sampling import SamplingParams
+from respec.tuner import AcceptanceModel, AdaptiveK, CostProfile
+
+GRID = [1, 2, 4, 8, 16, 32, 64]
+
+
+def profile(verify_per_extra_token: float) -> CostProfile:
+    """Verify cost = 4 ms + per-(row x extra query token) cost; drafter step 0.5 ms."""
+    verify = {B: {q: 0.004 + verify_per_extra_token * B * (q - 1) for q in range(1, 10)} for B in GRID}
+    return CostProfile(GRID, verify, {B: 0.0005 for B in GRID})
+
+
+def run(policy: AdaptiveK, rows: int):
+    target = tiny_lm(0)
+    eng = Engine(target, drafter=DraftModelDrafter(perturbed(target, 0.08, 1)), policy=policy, max_batch=rows, seed=3)
+    return eng.generate(make_requests(rows, 16, 7), SamplingParams(1.0))
+
+
+def test_controller_chooses_plain_at_every_iteration_where_verify_is_too_expensive():
+    # CPU fp32 at batch 64: verifying k+1 tokens costs ~(1 + 0.6 k)x one token, more than tau can repay
+    policy = AdaptiveK(profile(0.0015), acceptance=AcceptanceModel(prior=0.9))
+    res = run(policy, rows=64)
+    assert res.rounds and all(rd.k == 0 and rd.drafted == 0 for rd in res.rounds)
+    assert {k for _, k in policy.decisions} == {0}
+
+
+def test_controller_speculates_where_verify_is_cheap():
+    policy = AdaptiveK(profile(0.00002), acceptance=AcceptanceModel(prior=0.9))
+    res = run(policy, rows=4)
+    assert sum(rd.k > 0 for rd in res.rounds) > 0.9 * len(res.rounds)
+    assert sum(rd.accepted for rd in res.rounds) > 0
+
+
+def test_checkpointed_controller_restores_its_profile_and_decides_the_same():
+    a = AdaptiveK(profile(0.0002))
+    for B in (64, 32, 8, 2, 1):
+        a.choose(B)
+    state = json.loads(json.dumps(policy_state(a)))  # what a checkpoint's JSON holds
+    b = AdaptiveK(profile(0.01))  # a resumed run whose fresh profile would decide differently
+    assert b.best(8) != a.best(8)
+    load_policy_state(b, state)
+    assert b.profile.to_dict() == a.profile.to_dict()
+    assert [b.choose(B) for B in (8, 4, 2, 1, 1)] == [a.choose(B) for B in (8, 4, 2, 1, 1)]

@@ -58,37 +58,85 @@ DEFAULT_STEP_DECAY = 0.8  # weight of unroll step s is DEFAULT_STEP_DECAY ** (s 
 
 
 # ---- loss ----------------------------------------------------------------------------------------
+@dataclass
+class TopKTarget:
+    """A target distribution kept sparsely: its k most likely tokens plus one "other" bucket.
+
+    What the online replay buffer stores instead of (T, V) probabilities (replay.py). The loss
+    against it is the forward KL over the partition {top-k tokens} + {everything else}:
+        sum_{v in K} p(v) log(p(v) / q(v)) + p_other log(p_other / q_other),
+    with q_other = 1 - sum_{v in K} q(v) taken as a log-sum-exp of the drafter's remaining log-probs.
+    With k = V it is the full KL (p_other = 0).
+    """
+
+    ids: Tensor  # (B, T, k) long: the target's k most likely next tokens
+    logprobs: Tensor  # (B, T, k) float32: their log-probs (-inf where the target gives 0)
+    other_logmass: Tensor  # (B, T) float32: log of the remaining mass (-inf when the top k hold it all)
+
+
+def _topk_terms(draft_lp: Tensor, target: TopKTarget) -> tuple[Tensor, Tensor, Tensor]:
+    """Soft cross-entropy, acceptance and top-1 agreement against a top-k target: 3 x (B, n).
+
+    draft_lp (B, n, V); target already shifted to the n entries. alpha here is
+    sum_{v in K} min(p, q) + min(p_other, q_other): an upper bound on the true sum_v min(p, q)
+    (the bucket merges the tail), exact when k = V.
+    """
+    p_k = target.logprobs.float().exp()  # (B, n, k)
+    p_o = target.other_logmass.float().exp()  # (B, n)
+    lq_k = draft_lp.gather(-1, target.ids)  # (B, n, k)
+    in_k = torch.zeros_like(draft_lp, dtype=torch.bool).scatter_(-1, target.ids, True)  # (B, n, V)
+    # log q_other: log-sum-exp over the tokens outside K. Rows where K is the whole vocabulary get a
+    # finite dummy (their p_other is 0): an all -inf log-sum-exp would send NaN through backward.
+    rest = draft_lp.masked_fill(in_k, float("-inf"))
+    rest = torch.where(in_k.all(-1, keepdim=True), torch.zeros_like(rest), rest)
+    lq_o = rest.logsumexp(-1)  # (B, n)
+    ce = -(p_k * lq_k).sum(-1) - torch.where(p_o > 0, p_o * lq_o, torch.zeros_like(p_o))
+    with torch.no_grad():
+        alpha = torch.minimum(p_k, lq_k.exp()).sum(-1) + torch.where(p_o > 0, torch.minimum(p_o, lq_o.exp()), 0.0)
+        top1 = (draft_lp.argmax(-1) == target.ids[..., 0]).float()
+    return ce, alpha, top1
+
+
 def distill_loss(
     head: EagleHead,
     target: Transformer,
     tokens: Tensor,
     target_feats: Tensor,
-    target_logprobs: Tensor,
+    target_logprobs: Tensor | TopKTarget,
     loss_mask: Tensor,
     depth: int,
     sample_weight: Tensor | None = None,
     step_decay: float = DEFAULT_STEP_DECAY,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, dict]:
     """Soft cross-entropy of the drafter against the actor, over `depth` unroll steps.
 
-    tokens (B, T) long; target_feats (B, T, F); target_logprobs (B, T, V): the actor's log-softmax
-    at temperature 1, position t giving the law of token t+1; loss_mask (B, T) bool: positions whose
-    next-token law is learned (response positions); sample_weight (B,) or None (all ones).
+    tokens (B, T) long; target_feats (B, T, F); target_logprobs (B, T, V): the actor's log-probs,
+    position t giving the law of token t+1 (offline: log-softmax at temperature 1), or a TopKTarget
+    of the same layout (online: top-k + "other" bucket); loss_mask (B, T) bool: positions whose
+    next-token law is learned (response positions); sample_weight (B,) or None (all ones);
+    temperature: the drafter's logits are divided by it, so a target recorded at rollout
+    temperature T is matched by the distribution the engine drafts from at T.
 
     Entry i of the head pairs feature i with token i+1 and predicts token i+2, whose law is
     target_logprobs[:, i+1]; at step s only entries i >= s-1 exist (an earlier entry has no round
     that could draft it). Per step: weighted mean over the valid entries of
     -sum_v p_actor(v) log q_draft(v), weights sample_weight[b]. Total: sum_s step_decay**(s-1) * step.
+    (Forward KL(actor || drafter) up to the actor's entropy, which does not depend on the drafter.)
 
     stats (detached floats): loss, and per step (lists, step 1 first) ce, top1 (draft argmax ==
-    actor argmax) and alpha (expected acceptance sum_v min(p, q) at temperature 1), plus tokens
-    (valid step-1 entries).
+    actor argmax) and alpha (expected acceptance sum_v min(p, q) at the given temperature; an upper
+    bound with a TopKTarget, see _topk_terms), plus tokens (valid step-1 entries).
     """
     B, T = tokens.shape
     n = T - 1
     outs = head.train_forward(target, tokens, target_feats, depth)  # depth x (B, n, V)
-    actor_lp = target_logprobs[:, 1:].float()  # (B, n, V): the law of token i+2 for entry i
-    actor_p = actor_lp.exp()
+    if isinstance(target_logprobs, TopKTarget):
+        sparse = TopKTarget(target_logprobs.ids[:, 1:], target_logprobs.logprobs[:, 1:],
+                            target_logprobs.other_logmass[:, 1:])  # entry i -> the law of token i+2
+    else:
+        actor_lp = target_logprobs[:, 1:].float()  # (B, n, V): the law of token i+2 for entry i
+        actor_p = actor_lp.exp()
     weight = torch.ones(B, device=tokens.device) if sample_weight is None else sample_weight.float()
     entry = torch.arange(n, device=tokens.device)
     loss = torch.zeros((), device=tokens.device)
@@ -97,13 +145,17 @@ def distill_loss(
         valid = loss_mask[:, 1:] & (entry >= s - 1)[None, :]  # (B, n)
         w = weight[:, None] * valid  # (B, n)
         denom = w.sum().clamp_min(torch.finfo(torch.float32).tiny)
-        draft_lp = logits.float().log_softmax(-1)  # (B, n, V)
-        ce = -(actor_p * draft_lp).sum(-1)  # (B, n)
+        draft_lp = (logits.float() / temperature).log_softmax(-1)  # (B, n, V)
+        if isinstance(target_logprobs, TopKTarget):
+            ce, alpha, top1 = _topk_terms(draft_lp, sparse)  # (B, n) each
+        else:
+            ce = -(actor_p * draft_lp).sum(-1)  # (B, n)
+            with torch.no_grad():
+                top1 = (draft_lp.argmax(-1) == actor_lp.argmax(-1)).float()  # (B, n)
+                alpha = acceptance_rate(actor_p, draft_lp.exp()).float()  # (B, n)
         step_loss = torch.where(valid, ce * w, torch.zeros_like(ce)).sum() / denom
         loss = loss + step_decay ** (s - 1) * step_loss
         with torch.no_grad():
-            top1 = (draft_lp.argmax(-1) == actor_lp.argmax(-1)).float()  # (B, n)
-            alpha = acceptance_rate(actor_p, draft_lp.exp()).float()  # (B, n)
             stats["ce"].append(float(step_loss))
             stats["top1"].append(float((top1 * w).sum() / denom))
             stats["alpha"].append(float((alpha * w).sum() / denom))

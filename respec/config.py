@@ -299,6 +299,75 @@ class TrainRolloutConfig:
 
 
 @dataclass(frozen=True)
+class OnlineDistillOptions:
+    """The choices of online drafter distillation (drafter/online.py: the formulas, the modes and the
+    measured default budget). `OnlineDistillConfig` adds the two facts about the run they apply to
+    (rollout temperature, seed); `respec train` takes them from the run, so its [drafter] section is
+    these fields plus `online`."""
+
+    mode: str = _help("sync (in the trainer, blocking) | async (own process; the head swapped in at step N is the "
+                      "update launched at N-1: reproducible) | latest (own process, never waits: not reproducible)", "async")
+    interval: int = _help("launch an update every I steps", 1)
+    fraction: float = _help("fraction of each step's rollouts whose tokens enter the replay buffer", 0.25)
+    buffer_mib: int = _help("replay buffer byte budget (MiB); oldest sequences dropped first", 256)
+    max_age: int = _help("updates sample only sequences from the newest max_age steps", 4)
+    top_k: int = _help("target log-probs kept per token (plus one 'other' bucket for the rest)", 16)
+    tokens_per_update: int = _help("learner budget: committed tokens per update batch", 1024)
+    steps_per_update: int = _help("optimizer steps per update (over the same batch)", 1)
+    lr: float = _help("AdamW learning rate of the head", 1e-3)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    max_grad_norm: float = _help("gradient clipping (0 = off)", 1.0)
+    depth: int = _help("training-time-test unroll steps", 3)
+    step_decay: float = _help("loss weight of unroll step s is step_decay**(s-1)", 0.8)
+    weighting: str = _help("per-sequence weight: none | reward | normalized | advantage (formulas in drafter/online.py)",
+                           "normalized")
+    weight_floor: float = _help("smallest weight a sequence gets (keeps failed samples in)", 0.5)
+    weight_cap: float = _help("largest weight (normalized / advantage)", 2.0)
+    timeout_s: float = _help("async: longest wait for an update at a step boundary (0 = as long as the learner lives)", 0.0)
+    max_lag: int = _help("staleness guard: warn when the head is more than this many versions behind the actor", 4)
+    collapse_fraction: float = _help("staleness guard: warn when acceptance length falls below this fraction of its best",
+                                     0.6)
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise ConfigValueError naming the first invalid key (`prefix` + field name)."""
+        from .drafter.replay import WEIGHTINGS  # lazy: keeps this module free of torch
+
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ConfigValueError(f"{prefix}{key} must be {what}, got {getattr(self, key)!r}")
+
+        need(self.mode in ("sync", "async", "latest"), "mode", "sync, async or latest")
+        need(self.weighting in WEIGHTINGS, "weighting", " | ".join(WEIGHTINGS))
+        for key in ("interval", "buffer_mib", "max_age", "top_k", "tokens_per_update", "steps_per_update", "depth",
+                    "max_lag"):
+            need(getattr(self, key) >= 1, key, ">= 1")
+        need(0 < self.fraction <= 1, "fraction", "in (0, 1]")
+        need(self.lr > 0, "lr", "> 0")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0")
+        need(0 < self.step_decay <= 1, "step_decay", "in (0, 1]")
+        need(0 <= self.weight_floor <= self.weight_cap, "weight_floor", "in [0, weight_cap]")
+        need(self.weight_cap > 0, "weight_cap", "> 0")
+        need(self.timeout_s >= 0, "timeout_s", ">= 0")
+        need(0 < self.collapse_fraction < 1, "collapse_fraction", "in (0, 1)")
+
+
+ONLINE_SETTINGS = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class TrainDrafterConfig(OnlineDistillOptions):
+    online: str = _help(
+        "online distillation of the rollouts' EAGLE head during training: auto (on when rollout.spec drafts with an "
+        "EAGLE head, e.g. the built-in actor's; off for a standalone draft LM or no drafter) | on | off", "auto")
+
+    def validate(self, prefix: str = "drafter.") -> None:
+        if self.online not in ONLINE_SETTINGS:
+            raise ConfigValueError(f"{prefix}online must be auto, on or off, got {self.online!r}")
+        super().validate(prefix)
+
+
+@dataclass(frozen=True)
 class TrainRLConfig:
     advantage: str = _help("grpo (group mean-centred / group std) | dr_grpo (mean-centred / constant)", "grpo")
     std_eps: float = _help("grpo: added to the group std before dividing", 1e-6)
@@ -345,7 +414,8 @@ class TrainEvalConfig:
 class TrainOutputConfig:
     dir: str = _help("run directory; empty = runs/<timestamp>", "")
     tensorboard: bool = _help("also write TensorBoard scalars (needs the tensorboard package)", True)
-    save_actor: bool = _help("save the trained actor (HF format) in <dir>/actor at the end", True)
+    save_actor: bool = _help("save the trained actor (HF format) in <dir>/actor at the end (with online drafter "
+                             "distillation on, also its EAGLE head in <dir>/drafter)", True)
     checkpoint_every: int = _help(
         "write a resumable checkpoint (<dir>/checkpoints/step-NNNNNN) every N steps and at the end; 0 = off", 50)
     keep_checkpoints: int = _help("checkpoints kept on disk (oldest deleted first); 0 = keep all", 2)
@@ -360,6 +430,8 @@ class TrainConfig:
     device: str = _help("cpu | cuda", "cpu")
     data: TrainDataConfig = _section(TrainDataConfig, "prompts")
     rollout: TrainRolloutConfig = _section(TrainRolloutConfig, "generation of the training rollouts")
+    drafter: TrainDrafterConfig = _section(
+        TrainDrafterConfig, "online distillation of the drafter head from the rollouts (respec/drafter/online.py)")
     rl: TrainRLConfig = _section(TrainRLConfig, "advantages, loss and rewards")
     optim: TrainOptimConfig = _section(TrainOptimConfig, "optimizer and schedule")
     eval: TrainEvalConfig = _section(TrainEvalConfig, "held-out evaluation")
@@ -386,6 +458,9 @@ class TrainConfig:
         need(spec in (0, "adaptive") or bool(r.drafter) or not self.model, "rollout.drafter",
              "a drafter directory when rollout.spec is a static K (the built-in actor has a cached default)")
         need(r.max_batch >= 1, "rollout.max_batch", ">= 1")
+        self.drafter.validate("drafter.")
+        need(not (self.drafter.online == "on" and spec == 0), "drafter.online",
+             "auto or off when rollout.spec is off (it trains the drafter the rollouts draft with)")
         need(rl.advantage in ("grpo", "dr_grpo"), "rl.advantage", "grpo or dr_grpo")
         need(rl.std_eps >= 0, "rl.std_eps", ">= 0")
         need(rl.dr_grpo_scale > 0, "rl.dr_grpo_scale", "> 0")

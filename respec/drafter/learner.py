@@ -12,12 +12,13 @@ Only the head's own tensors come back. The shared embedding and LM head are the 
 carries a snapshot taken at submission (the actor is updated in place while an asynchronous
 update runs), they are read detached, and the engine's drafter always reads the current actor's.
 
-The interface (`Learner`): submit(version, job), result(version, timeout) -> LearnResult (weights
-or a failure), latest() (non-blocking, the newest finished result), close(). Implementations:
+The interface (`Learner`): start() (optional warm-up), submit(version, job), result(version,
+timeout) -> LearnResult (weights or a failure), latest() (non-blocking, the newest finished
+result), close(). Implementations:
   InlineLearner   runs the update inside submit (the synchronous baseline; tests)
   ProcessLearner  one spawned process, one intra-op thread (a thread in the trainer would share
                   its GIL and intra-op pool); jobs and results cross a Pipe, their tensors in shared
-                  memory (torch.multiprocessing). A Ray actor can implement the same four methods.
+                  memory (torch.multiprocessing). A Ray actor can implement the same methods.
 ProcessLearner safety: a dead process is reported as failed results for its pending versions and
 restarted on the next submit; the child exits as soon as its parent is gone (a thread polls its
 parent pid while it computes; an idle child sees EOF on the pipe), so it never outlives the
@@ -163,6 +164,10 @@ class Learner(Protocol):
 
     restarts: int  # times the learner was replaced after dying
 
+    def start(self) -> None:
+        """Get ready to serve ahead of the first submit (idempotent; submit does it anyway)."""
+        ...
+
     def submit(self, version: int, job: LearnJob) -> None: ...
 
     def result(self, version: int, timeout: float | None = None) -> LearnResult:
@@ -199,6 +204,9 @@ class InlineLearner:
     def __init__(self) -> None:
         self._results = _Results()
         self.restarts = 0
+
+    def start(self) -> None:
+        pass
 
     def submit(self, version: int, job: LearnJob) -> None:
         self._results.done[version] = _run(version, job)

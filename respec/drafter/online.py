@@ -50,19 +50,18 @@ N = N - version (1 in async/sync with interval 1).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from ..config import ConfigValueError, _help
+from ..config import ConfigValueError, OnlineDistillOptions, _help
 from ..models.transformer import Transformer
 from ..rollout.engine import Request
 from .eagle import EagleHead
 from .learner import ActorHeads, Learner, LearnJob, LearnResult, UpdateSettings, finite_or_error, make_learner
 from .replay import (
-    WEIGHTINGS,
     CaptureCollector,
     ReplayBuffer,
     collate,
@@ -73,55 +72,36 @@ from .replay import (
 
 
 @dataclass(frozen=True)
-class OnlineDistillConfig:
-    mode: str = _help("sync (in the trainer, blocking) | async (own process; the head swapped in at step N is the "
-                      "update launched at N-1: reproducible) | latest (own process, never waits: not reproducible)", "async")
-    interval: int = _help("launch an update every I steps", 1)
-    fraction: float = _help("fraction of each step's rollouts whose tokens enter the replay buffer", 0.25)
-    buffer_mib: int = _help("replay buffer byte budget (MiB); oldest sequences dropped first", 256)
-    max_age: int = _help("updates sample only sequences from the newest max_age steps", 4)
-    top_k: int = _help("target log-probs kept per token (plus one 'other' bucket for the rest)", 16)
-    tokens_per_update: int = _help("learner budget: committed tokens per update batch", 1024)
-    steps_per_update: int = _help("optimizer steps per update (over the same batch)", 1)
-    lr: float = _help("AdamW learning rate of the head", 1e-3)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    max_grad_norm: float = _help("gradient clipping (0 = off)", 1.0)
-    depth: int = _help("training-time-test unroll steps", 3)
-    step_decay: float = _help("loss weight of unroll step s is step_decay**(s-1)", 0.8)
-    weighting: str = _help("per-sequence weight: none | reward | normalized | advantage (formulas in drafter/online.py)",
-                           "normalized")
-    weight_floor: float = _help("smallest weight a sequence gets (keeps failed samples in)", 0.5)
-    weight_cap: float = _help("largest weight (normalized / advantage)", 2.0)
+class OnlineDistillConfig(OnlineDistillOptions):
+    """The choices (OnlineDistillOptions, config.py: `respec train`'s [drafter] section, one source of
+    the defaults) plus the two facts about the run they apply to."""
+
     temperature: float = _help("rollout temperature the targets were recorded at (the drafter is matched at it)", 1.0)
-    timeout_s: float = _help("async: longest wait for an update at a step boundary (0 = as long as the learner lives)", 0.0)
-    max_lag: int = _help("staleness guard: warn when the head is more than this many versions behind the actor", 4)
-    collapse_fraction: float = _help("staleness guard: warn when acceptance length falls below this fraction of its best",
-                                     0.6)
     seed: int = _help("rollout selection and batch sampling seed", 0)
 
-    def validate(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ConfigValueError(f"{key} must be {what}, got {getattr(self, key)!r}")
+    @classmethod
+    def for_run(cls, options: OnlineDistillOptions, temperature: float, seed: int) -> "OnlineDistillConfig":
+        """The options of a run (e.g. TrainConfig.drafter) at its rollout temperature and seed."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(OnlineDistillOptions)},
+                   temperature=temperature, seed=seed)
 
-        need(self.mode in ("sync", "async", "latest"), "mode", "sync, async or latest")
-        need(self.weighting in WEIGHTINGS, "weighting", " | ".join(WEIGHTINGS))
-        for key in ("interval", "buffer_mib", "max_age", "top_k", "tokens_per_update", "steps_per_update", "depth",
-                    "max_lag"):
-            need(getattr(self, key) >= 1, key, ">= 1")
-        need(0 < self.fraction <= 1, "fraction", "in (0, 1]")
-        need(self.lr > 0, "lr", "> 0")
-        need(0 < self.step_decay <= 1, "step_decay", "in (0, 1]")
-        need(0 <= self.weight_floor <= self.weight_cap, "weight_floor", "in [0, weight_cap]")
-        need(self.weight_cap > 0, "weight_cap", "> 0")
-        need(self.temperature > 0, "temperature", "> 0")
-        need(self.timeout_s >= 0, "timeout_s", ">= 0")
-        need(0 < self.collapse_fraction < 1, "collapse_fraction", "in (0, 1)")
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        if not self.temperature > 0:
+            raise ConfigValueError(f"{prefix}temperature must be > 0, got {self.temperature!r}")
 
     def settings(self) -> UpdateSettings:
         return UpdateSettings(steps=self.steps_per_update, lr=self.lr, weight_decay=self.weight_decay,
                               max_grad_norm=self.max_grad_norm, depth=self.depth, step_decay=self.step_decay,
                               temperature=self.temperature)
+
+
+# The keys of OnlineDistiller.metrics(step), in order.
+METRIC_KEYS: tuple[str, ...] = (
+    "drafter_version", "drafter_actor_version", "drafter_lag", "drafter_failures", "drafter_restarts",
+    "drafter_skipped", "drafter_wait_s", "learner_loss_first", "learner_loss_last", "learner_s", "learner_tokens",
+    "buffer_bytes", "buffer_tokens", "buffer_sequences",
+)
 
 
 class OnlineDistiller:
@@ -176,14 +156,15 @@ class OnlineDistiller:
         self._inflight = step
         return True
 
-    def swap(self) -> bool:
+    def swap(self, wait: bool | None = None) -> bool:
         """At a step boundary, before generating: load the launched update into the head.
 
-        sync / async wait for it; latest takes it only if finished. A failed or non-finite update
-        is counted, its error kept in last_error, and the head keeps its last good weights.
-        Returns True when new weights were loaded.
+        sync / async wait for it; latest takes it only if finished (`wait` overrides the mode: the
+        end of a run waits in every mode). A failed or non-finite update is counted, its error kept
+        in last_error, and the head keeps its last good weights. Returns True when new weights were
+        loaded.
         """
-        res = self._take(wait=self.cfg.mode != "latest")
+        res = self._take(wait=self.cfg.mode != "latest" if wait is None else wait)
         if res is None:
             return False
         res = finite_or_error(res)
@@ -197,7 +178,7 @@ class OnlineDistiller:
         return True
 
     def metrics(self, step: int) -> dict:
-        """Per-step record fields (the rollouts of step `step` used head `version`)."""
+        """Per-step record fields, METRIC_KEYS (the rollouts of step `step` used head `version`)."""
         s = self.last_stats
         return {
             "drafter_version": self.version, "drafter_actor_version": self.version, "drafter_lag": step - self.version,
@@ -252,7 +233,8 @@ class OnlineDistiller:
 
     # ---- internals --------------------------------------------------------------------------------
     def _take(self, wait: bool) -> LearnResult | None:
-        if self._ready is not None:
+        self.wait_s = 0.0
+        if self._ready is not None:  # awaited by state() at a checkpoint: no wait now
             res, self._ready = self._ready, None
             return res
         if self._inflight is None:

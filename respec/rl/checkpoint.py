@@ -11,6 +11,10 @@ Layout of one checkpoint, <run>/checkpoints/step-NNNNNN/ (NNNNNN = training step
     trainer.json           step, data position (prompts consumed = step * rollout.prompts_per_step;
                            prompt sources are pure functions of the step) and the rollout policy's
                            state when it has one (the adaptive tuner's acceptance EMA and controller)
+    drafter.safetensors    with online drafter distillation on: the head, its AdamW state, the
+    drafter.json           replay buffer and the update launched before the checkpoint (awaited,
+                           stored unapplied: the next step swaps it in, as the uninterrupted run
+                           does), plus the version, failure count and staleness guard (JSON part)
     manifest.json          sha256 and size of every file above
 
 Writing: everything goes into a temporary sibling directory; each file and the directory are
@@ -56,6 +60,15 @@ class Stateful(Protocol):
     def state(self) -> dict: ...
 
     def load_state(self, s: dict) -> None: ...
+
+
+@runtime_checkable
+class TensorStateful(Protocol):
+    """Trainer state with tensors (the online drafter): (tensors, JSON metadata) out and back in."""
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -144,9 +157,10 @@ def _rng_states() -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    data_position: int, policy: object | None = None, keep: int = 0,
+    data_position: int, policy: object | None = None, keep: int = 0, drafter: TensorStateful | None = None,
 ) -> Path:
-    """Write root/step-NNNNNN atomically, then point root/latest at it; keep the newest `keep` (0 = all)."""
+    """Write root/step-NNNNNN atomically, then point root/latest at it; keep the newest `keep` (0 = all).
+    `drafter`: the online drafter's state, when distillation is on."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
@@ -160,6 +174,10 @@ def save_checkpoint(
         trainer_state = {"format": FORMAT, "step": step, "data_position": data_position,
                          "policy_state": policy_state(policy)}
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
+        if drafter is not None:
+            d_tensors, d_meta = drafter.state()
+            save_file(d_tensors, str(tmp / "drafter.safetensors"))
+            (tmp / "drafter.json").write_text(json.dumps(d_meta) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"format": FORMAT, "step": step,
                     "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}}
@@ -218,11 +236,18 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, policy: object | None = None
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, policy: object | None = None,
+    drafter: TensorStateful | None = None,
 ) -> TrainState:
-    """Verify, then restore model, optimizer, RNG and policy state in place; safetensors/JSON only."""
+    """Verify, then restore model, optimizer, RNG, policy and online drafter state in place;
+    safetensors/JSON only."""
     path = Path(path)
-    verify_checkpoint(path)
+    files = verify_checkpoint(path)["files"]
+    if drafter is not None:
+        for name in ("drafter.safetensors", "drafter.json"):
+            if name not in files:
+                raise CheckpointCorruptError(f"{path / name}: missing; the run has online drafter distillation "
+                                             "on but this checkpoint has no drafter state (drafter.online was off?)")
 
     def tensors(name: str) -> dict[str, torch.Tensor]:
         try:
@@ -250,5 +275,7 @@ def load_checkpoint(
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
     load_policy_state(policy, state["policy_state"])
+    if drafter is not None:
+        drafter.load_state(tensors("drafter.safetensors"), json.loads((path / "drafter.json").read_text()))
     return TrainState(step=int(state["step"]), data_position=int(state["data_position"]),
                       policy_state=state["policy_state"])

@@ -4,7 +4,7 @@ plot_run writes into RUN_DIR/plots/:
     reward.png          train reward_mean and pass_rate per step; held-out pass rates (sampled +- se,
                         greedy) at each evaluation
     response_length.png response_len_mean and response_len_max per step
-    step_time.png       time_generate_s / time_reward_s / time_train_s / time_sync_s stacked per step
+    step_time.png       time_generate_s / time_reward_s / time_train_s / time_sync_s / time_drafter_s stacked
     acceptance.png      spec_accept_len per step (1.0 = plain decoding)
 compare_runs writes into OUT (default ./compare/): compare.md (one row per run: final reward = mean
 of the last 10% of steps, held-out pass rates at the last evaluation, mean step time, generation
@@ -98,7 +98,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     written.append(_save(fig, out / "response_length.png"))
 
     fig, (ax,) = _figure()
-    parts = ("time_generate_s", "time_reward_s", "time_train_s", "time_sync_s")
+    parts = ("time_generate_s", "time_reward_s", "time_train_s", "time_sync_s", "time_drafter_s")
     steps = [r["step"] for r in train]
     ax.stackplot(steps, *[[float(r.get(k) or 0.0) for r in train] for k in parts],
                  labels=[k.removeprefix("time_").removesuffix("_s") for k in parts])

@@ -4,8 +4,11 @@ With no arguments this is the embedded default workload: the built-in actor (bui
 first use, tasks/pretrain.py) on the built-in arithmetic task, its fixed held-out set for
 evaluation, and the exact_answer reward. The run directory (output.dir, default runs/<timestamp>)
 receives config.toml (the resolved config) at start, metrics.jsonl (+ tensorboard/) per step,
-summary.json and the trained actor in HF format (actor/, written atomically) at the end, resumable
+summary.json and the trained actor in HF format (actor/, written atomically) at the end - with
+online drafter distillation on (drafter.online, online_drafter.py) also the distilled EAGLE head
+(drafter/, reusable as `--rollout.drafter RUN_DIR/drafter` with `--model RUN_DIR/actor`) - resumable
 checkpoints under checkpoints/ (output.checkpoint_every, checkpoint.py) and PNG plots under plots/.
+The learner process of online distillation is stopped when training ends or fails.
 
 Resume (`respec train --resume RUN_DIR`): the run's config.toml is loaded and command-line flags
 (and a --config file) are applied on top. A flag may change only the keys in `RESUMABLE_KEYS` -
@@ -59,6 +62,9 @@ def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
     """RUN_DIR/config.toml + overrides, refusing (naming the key) changes that alter the trajectory."""
     run_dir = Path(run_dir)
     saved_values = load_toml(run_dir / "config.toml")
+    # a run saved before online drafter distillation existed ran without it (its checkpoints have no
+    # drafter state); the default `auto` would switch it on
+    saved_values.setdefault("drafter", {"online": "off"})
     saved = build(TrainConfig, saved_values)
     overrides = merge(overrides, {"output": {"dir": str(run_dir)}})
     cfg = build(TrainConfig, merge(saved_values, overrides))
@@ -152,20 +158,28 @@ def run_train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> 
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
     trainer = GRPOTrainer(cfg, model, engine, prompts, reward, encode=prompt_encoder(tok, cfg.data.chat_template),
                           decode=decode, heldout=heldout, progress=say, checkpoint_dir=run_dir / "checkpoints")
-    start, history = 0, None
-    if resume:
-        state = trainer.restore()  # verified before anything is changed on disk
-        history = History.from_records(truncate_metrics(run_dir / "metrics.jsonl", state.step))
-        start = state.step
-        if say is not None:
-            say(f"resuming {run_dir} after step {start} of {cfg.steps}")
-    trainer.logger = MetricsLogger(run_dir, cfg.output.tensorboard)
+    if say is not None and trainer.online.enabled:
+        say(f"respec train: online drafter distillation on (drafter.online = {cfg.drafter.online}, "
+            f"mode {cfg.drafter.mode})")
     try:
-        summary = trainer.fit(start, history)
+        start, history = 0, None
+        if resume:
+            state = trainer.restore()  # verified before anything is changed on disk
+            history = History.from_records(truncate_metrics(run_dir / "metrics.jsonl", state.step))
+            start = state.step
+            if say is not None:
+                say(f"resuming {run_dir} after step {start} of {cfg.steps}")
+        trainer.logger = MetricsLogger(run_dir, cfg.output.tensorboard)
+        try:
+            summary = trainer.fit(start, history)
+        finally:
+            trainer.logger.close()
     finally:
-        trainer.logger.close()
+        trainer.close()  # fit closes the learner too; this covers a failed restore
     if cfg.output.save_actor:
         save_pretrained(model, run_dir / "actor", tokenizer=tok, eos_token_ids=pre.eos_token_ids)
+        if trainer.online.enabled:
+            trainer.online.save(run_dir / "drafter", actor=str(run_dir / "actor"))
     atomic_write_text(run_dir / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
     if cfg.output.plots:
         from .plots import PlotError, plot_run
@@ -203,4 +217,6 @@ def run_train_cli(cfg: TrainConfig, args) -> int:
         print("  " + line)
     if cfg.output.save_actor:
         print(f"  actor saved to {run_dir / 'actor'}")
+        if (run_dir / "drafter").is_dir():
+            print(f"  online-distilled drafter saved to {run_dir / 'drafter'}")
     return 0

@@ -15,12 +15,17 @@ One training step (`GRPOTrainer.train_step`):
                     Old log-probs: rl.old_logprobs = engine (Rollout.logprobs, no extra forward) or
                     recompute (one no-grad forward before the first update).
     6. sync         weights to the engine (a no-op when it shares the model)
+With online drafter distillation on (drafter.online, online_drafter.py), the `OnlineDrafter` hooks
+wrap these: swap in the update launched at the previous step before 1; capture the training
+generate (2, never the evaluation's) into the replay buffer; record rewards and advantages after
+4 and launch the next update before 5, so the learner overlaps the update and the next rollout.
 
 Determinism and resume: every random choice derives from (seed, step, purpose) - prompts from
 `PromptSource.batch(step)`, sampling from the engine's per-request keys (request id
 "train/<step>/<prompt id>", sample index), minibatch order from `derive_seed(seed, step,
 "minibatch")` - so a checkpoint at a step boundary (model + optimizer state + the step, plus the
-adaptive tuner's state when speculation is adaptive) is all an exact resume needs (checkpoint.py).
+adaptive tuner's state when speculation is adaptive, and the online drafter's head, optimizer,
+replay buffer, pending update and guard when it is on) is all an exact resume needs (checkpoint.py).
 `fit` writes one every output.checkpoint_every steps and at the end when a checkpoint directory is
 given; `restore` + `fit(start_step, history)` continue a run with bit-identical next steps. Evaluation requests are keyed "eval/<prompt id>" without the step: every
 evaluation of a prompt uses the same uniforms (common random numbers), which makes the
@@ -39,10 +44,20 @@ Metrics (one JSON record per line in metrics.jsonl; "kind" is "train" or "eval")
     logprob_gap_mean, logprob_gap_max (|train - engine| log-prob over the first minibatch's tokens,
     taken before any update of the step: the train/inference mismatch), nucleus_guard_fraction,
     tokens, tokens_per_s (generated tokens / step time), gen_tokens_per_s,
-    time_generate_s, time_reward_s, time_train_s, time_sync_s, time_step_s, r_gen (generate share),
+    time_generate_s, time_reward_s (scoring + advantages), time_train_s, time_sync_s, time_drafter_s
+    (the trainer's own online-drafter work: swap incl. waiting for the learner, record, launch; ~0
+    when off), time_step_s (the parts add up to it), r_gen (generate share),
     ceiling_s2, ceiling_s3 (1 / (r_gen / s + 1 - r_gen), metrics.py), spec_accept_len,
     spec_accept_at (list per draft position), spec_k_mean, spec_active_mean,
-    spec_accepted_fraction, spec_rounds, spec_draft_s, spec_verify_s
+    spec_accepted_fraction, spec_rounds, spec_draft_s, spec_verify_s,
+    online drafter (null when drafter.online is off; drafter/online.py, online_drafter.py):
+    drafter_version (update whose head generated this step's rollouts; -1 = the initial head),
+    drafter_actor_version (the step whose actor that update learned against), drafter_lag,
+    drafter_failures (updates lost: died, raised, timed out, non-finite), drafter_restarts,
+    drafter_skipped (latest mode), drafter_wait_s (swap waiting for the learner), learner_loss_first,
+    learner_loss_last, learner_s, learner_tokens (of the update in use), buffer_bytes, buffer_tokens,
+    buffer_sequences, drafter_stale_warnings (staleness guard warnings so far), drafter_capture_s
+    (capture hook time, inside time_generate_s)
   eval record, `step` = training steps completed (0 = before training):
     eval_n, eval_pass_rate_t0, eval_pass_rate_sampled (at the rollout temperature / top-p / top-k),
     eval_pass_rate_sampled_se, eval_reward_mean_sampled, eval_s
@@ -72,6 +87,7 @@ from .batch import RolloutBatch, build_batch, response_logits, token_logprobs
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .loss import LossStats, merge_stats, policy_loss
 from .metrics import MetricsLogger, spec_stats, speedup_ceiling
+from .online_drafter import ONLINE_METRIC_KEYS, OnlineDrafter
 
 
 # The keys of the two record kinds in metrics.jsonl (documented above; the tests hold records to them).
@@ -81,8 +97,9 @@ TRAIN_METRIC_KEYS: tuple[str, ...] = (
     "truncation_rate", "zero_std_fraction", "loss", "kl_ref", "kl_old", "entropy", "clip_fraction", "ratio_mean",
     "ratio_max", "grad_norm", "lr", "updates", "logprob_gap_mean", "logprob_gap_max", "nucleus_guard_fraction",
     "tokens", "tokens_per_s", "gen_tokens_per_s", "time_generate_s", "time_reward_s", "time_train_s",
-    "time_sync_s", "time_step_s", "r_gen", "ceiling_s2", "ceiling_s3", "spec_accept_len", "spec_accept_at",
-    "spec_k_mean", "spec_active_mean", "spec_accepted_fraction", "spec_rounds", "spec_draft_s", "spec_verify_s",
+    "time_sync_s", "time_drafter_s", "time_step_s", "r_gen", "ceiling_s2", "ceiling_s3", "spec_accept_len",
+    "spec_accept_at", "spec_k_mean", "spec_active_mean", "spec_accepted_fraction", "spec_rounds", "spec_draft_s",
+    "spec_verify_s", *ONLINE_METRIC_KEYS,
 )
 EVAL_METRIC_KEYS: tuple[str, ...] = (
     "kind", "step", "eval_n", "eval_pass_rate_t0", "eval_pass_rate_sampled", "eval_pass_rate_sampled_se",
@@ -267,22 +284,30 @@ class GRPOTrainer:
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=(o.beta1, o.beta2),
         )
+        # online drafter distillation (no-op hooks when drafter.online resolves to off)
+        self.online = OnlineDrafter.from_config(cfg, engine, say=self._say)
 
     # ---- one step ---------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, r = self.cfg, self.cfg.rollout
         t0 = time.perf_counter()
+        self.online.begin(step)  # the drafter update launched at step - 1
+        tg = time.perf_counter()
         records = self.prompts.batch(step, r.prompts_per_step)
         check_records(records, self.reward.names, "training prompts")
         requests = [Request(f"train/{step}/{rec.id}", ids, s, r.max_new_tokens)
                     for rec, ids in zip(records, map(self.encode, records)) for s in range(r.group_size)]
-        gen = self._generate(requests, self.sampling, step)
+        with self.online.capturing(requests, step):
+            gen = self._generate(requests, self.sampling, step)
         t1 = time.perf_counter()
         scores = self._score(records, gen.rollouts, r.group_size, step)
-        t2 = time.perf_counter()
-
         rewards = scores.total.view(len(records), r.group_size)  # (P, G)
         adv = compute_advantages(rewards, cfg.rl.advantage, eps=cfg.rl.std_eps, scale=cfg.rl.dr_grpo_scale)
+        t2 = time.perf_counter()
+        self.online.record(scores.total, adv.values.flatten())
+        self.online.launch(step, self.model)  # snapshots the actor's embedding / LM head before the update
+        tu = time.perf_counter()
+
         batch = build_batch(gen.rollouts, adv.values.flatten(), self.device)
         self._behaviour_logprobs(batch, step)
         update = self._update(batch, step)
@@ -291,7 +316,7 @@ class GRPOTrainer:
         t4 = time.perf_counter()
 
         step_s = t4 - t0
-        r_gen = (t1 - t0) / step_s
+        r_gen = (t1 - tg) / step_s
         lens = [len(x.token_ids) for x in gen.rollouts]
         spec = spec_stats(gen)
         st = update.stats
@@ -309,13 +334,14 @@ class GRPOTrainer:
             "grad_norm": update.grad_norm, "lr": update.lr, "updates": update.updates,
             "logprob_gap_mean": st.logprob_gap_mean, "logprob_gap_max": st.logprob_gap_max,
             "nucleus_guard_fraction": update.guard_fraction,
-            "tokens": gen.tokens, "tokens_per_s": gen.tokens / step_s, "gen_tokens_per_s": gen.tokens / (t1 - t0),
-            "time_generate_s": t1 - t0, "time_reward_s": t2 - t1, "time_train_s": t3 - t2, "time_sync_s": sync_s,
-            "time_step_s": step_s, "r_gen": r_gen,
+            "tokens": gen.tokens, "tokens_per_s": gen.tokens / step_s, "gen_tokens_per_s": gen.tokens / (t1 - tg),
+            "time_generate_s": t1 - tg, "time_reward_s": t2 - t1, "time_train_s": t3 - tu, "time_sync_s": sync_s,
+            "time_drafter_s": (tg - t0) + (tu - t2), "time_step_s": step_s, "r_gen": r_gen,
             "ceiling_s2": speedup_ceiling(r_gen, 2.0), "ceiling_s3": speedup_ceiling(r_gen, 3.0),
             "spec_accept_len": spec.accept_len, "spec_accept_at": spec.accept_at, "spec_k_mean": spec.k_mean,
             "spec_active_mean": spec.active_mean, "spec_accepted_fraction": spec.accepted_fraction,
             "spec_rounds": spec.rounds, "spec_draft_s": spec.draft_s, "spec_verify_s": spec.verify_s,
+            **self.online.metrics(step, gen),
         }
 
     def _generate(self, requests: list[Request], sampling: SamplingParams, step: int):
@@ -441,15 +467,18 @@ class GRPOTrainer:
         assert self.checkpoint_dir is not None
         return save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer,
                                data_position=done * self.cfg.rollout.prompts_per_step, policy=self.engine.policy,
-                               keep=self.cfg.output.keep_checkpoints)
+                               keep=self.cfg.output.keep_checkpoints,
+                               drafter=self.online if self.online.enabled else None)
 
     def restore(self, path: Path | None = None) -> TrainState:
-        """Load a checkpoint (default: checkpoint_dir's latest) into the actor, optimizer and policy.
+        """Load a checkpoint (default: checkpoint_dir's latest) into the actor, optimizer, policy and
+        online drafter.
 
         Build the trainer from the run's *initial* actor first: the reference model (kl_beta > 0) is
         the copy taken at construction, i.e. the initial weights, as in the uninterrupted run."""
         path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_dir)
-        state = load_checkpoint(path, self.model, self.optimizer, self.engine.policy)
+        state = load_checkpoint(path, self.model, self.optimizer, self.engine.policy,
+                                drafter=self.online if self.online.enabled else None)
         expected = state.step * self.cfg.rollout.prompts_per_step
         if state.data_position != expected:
             raise TrainError(f"{path}: data position {state.data_position} != step {state.step} x "
@@ -470,24 +499,34 @@ class GRPOTrainer:
             evals = [self._eval_and_log(0)]
         reward_means = list(history.reward_means[:start_step])
         every = cfg.output.checkpoint_every if self.checkpoint_dir is not None else 0
-        for step in range(start_step, cfg.steps):
-            m = self.train_step(step)
-            reward_means.append(m["reward_mean"])
-            if self.logger is not None:
-                self.logger.log(m)
-            self._say(f"step {step + 1}/{cfg.steps} | reward {m['reward_mean']:.3f} | pass {m['pass_rate']:.3f} | "
-                      f"acc_len {m['spec_accept_len']:.2f} | {m['time_step_s']:.2f}s (gen {m['r_gen']:.0%})")
-            done = step + 1
-            if self.heldout and (done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
-                evals.append(self._eval_and_log(done))
-            if every and (done % every == 0 or done == cfg.steps):
-                self.save_checkpoint(done)
+        try:
+            for step in range(start_step, cfg.steps):
+                m = self.train_step(step)
+                reward_means.append(m["reward_mean"])
+                if self.logger is not None:
+                    self.logger.log(m)
+                drafter = f" | drafter v{m['drafter_version']}" if self.online.enabled else ""
+                self._say(f"step {step + 1}/{cfg.steps} | reward {m['reward_mean']:.3f} | pass {m['pass_rate']:.3f} | "
+                          f"acc_len {m['spec_accept_len']:.2f} | {m['time_step_s']:.2f}s (gen {m['r_gen']:.0%})"
+                          + drafter)
+                done = step + 1
+                if self.heldout and (done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
+                    evals.append(self._eval_and_log(done))
+                if every and (done % every == 0 or done == cfg.steps):
+                    self.save_checkpoint(done)
+            self.online.finish()  # the head now holds the last update (what run.py saves)
+        finally:
+            self.close()
         k = max(1, round(0.1 * cfg.steps))
         return TrainSummary(
             steps=cfg.steps, reward_first=sum(reward_means[:k]) / k, reward_last=sum(reward_means[-k:]) / k,
             eval_before=evals[0] if evals else None, eval_after=evals[-1] if len(evals) > 1 else None,
             seconds=time.perf_counter() - t_start,
         )
+
+    def close(self) -> None:
+        """Stop the online drafter's learner process (fit does this on return and on errors; idempotent)."""
+        self.online.close()
 
     def _eval_and_log(self, step: int) -> EvalResult:
         res = self.evaluate(step)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from respec import config as C
+from respec.drafter import EagleConfig, EagleDrafter, EagleHead
 from respec.models import ModelConfig, Transformer
-from respec.rollout.engine import Engine
+from respec.rollout.engine import Engine, StaticK
 from respec.tasks.data import PromptRecord
 from respec.tasks.reward import CombinedReward
 
@@ -20,6 +21,12 @@ def tiny_lm(vocab: int = 8, seed: int = 0, std: float = 0.02, width: int = 32) -
     cfg = ModelConfig(arch="qwen2", vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_layers=2,
                       num_heads=4, num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     return Transformer(cfg).init_weights(std=std, generator=torch.Generator().manual_seed(seed)).eval()
+
+
+def tiny_eagle(model: Transformer, seed: int = 1, std: float = 0.05) -> EagleHead:
+    """A random EAGLE head for `model` (the online-distillation tests train it)."""
+    head = EagleHead(EagleConfig.for_target(model.cfg)).init_weights(torch.Generator().manual_seed(seed), std=std)
+    return head.eval()
 
 
 class SyntheticPrompts:
@@ -61,9 +68,13 @@ def train_config(**sections: Any) -> C.TrainConfig:
 def make_trainer():
     from respec.rl.trainer import GRPOTrainer
 
-    def make(cfg: C.TrainConfig, model: Transformer | None = None, engine_model: Transformer | None = None):
+    def make(cfg: C.TrainConfig, model: Transformer | None = None, engine_model: Transformer | None = None,
+             eagle_k: int = 0):
+        """eagle_k > 0: speculative rollouts (static k) with a tiny random EAGLE head (same weights every call)."""
         model = model if model is not None else tiny_lm()
-        engine = Engine(engine_model if engine_model is not None else model, max_batch=cfg.rollout.max_batch,
+        target = engine_model if engine_model is not None else model
+        drafter = EagleDrafter(tiny_eagle(target), target) if eagle_k else None
+        engine = Engine(target, drafter=drafter, policy=StaticK(eagle_k), max_batch=cfg.rollout.max_batch,
                         seed=cfg.seed)
         return GRPOTrainer(cfg, model, engine, SyntheticPrompts(model.cfg.vocab_size), synthetic_reward())
 

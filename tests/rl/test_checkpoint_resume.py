@@ -1,5 +1,6 @@
 """Checkpoints and resume: a killed run resumed from its checkpoint continues bit-identically (fp32),
-damaged checkpoints are refused naming the file, a failed write keeps the previous checkpoint, and a
+also with online drafter distillation on (the default async learner process), damaged checkpoints
+are refused naming the file, a failed write keeps the previous checkpoint, and a
 resume that would change the trajectory is refused naming the key."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from respec import config as C
 from respec.cli import main
@@ -23,6 +25,10 @@ from .test_cli_train import actor_dir, tiny_args  # noqa: F401  (module-scoped f
 EXACT_KEYS = ("reward_mean", "reward_std", "reward/target_fraction", "pass_rate", "loss", "kl_ref", "kl_old",
               "entropy", "tokens", "response_len_mean", "response_len_max", "grad_norm", "clip_fraction",
               "ratio_mean", "ratio_max", "lr", "updates", "logprob_gap_max", "zero_std_fraction")
+# ... and with online distillation on, the drafter's (it decides which tokens the rollouts sample)
+ONLINE_EXACT_KEYS = ("spec_accept_len", "spec_accept_at", "drafter_version", "drafter_actor_version",
+                     "drafter_failures", "learner_loss_first", "learner_loss_last", "learner_tokens", "buffer_bytes",
+                     "buffer_tokens", "drafter_stale_warnings")
 
 
 class Killed(Exception):
@@ -36,23 +42,25 @@ def resumable_config(**sections):
     return train_config(**C.merge(base, sections))
 
 
-def start(make_trainer, cfg, run_dir):
+def start(make_trainer, cfg, run_dir, eagle_k=0):
     """A fresh process's worth of objects: new model (the run's initial weights), engine, trainer."""
-    t = make_trainer(cfg)
+    t = make_trainer(cfg, eagle_k=eagle_k)
     t.checkpoint_dir = run_dir / "checkpoints"
     return t
 
 
-def test_killed_run_resumes_bit_identically(make_trainer, tmp_path, monkeypatch):
-    cfg = resumable_config()
-    whole = start(make_trainer, cfg, tmp_path / "whole")
+@pytest.mark.parametrize("online", [False, True], ids=["frozen-drafter", "online-drafter"])
+def test_killed_run_resumes_bit_identically(make_trainer, tmp_path, monkeypatch, online):
+    cfg = resumable_config(drafter={"online": "on" if online else "off", "tokens_per_update": 64})
+    eagle_k = 2 if online else 0  # online: speculative rollouts with a tiny EAGLE head it keeps training
+    whole = start(make_trainer, cfg, tmp_path / "whole", eagle_k)
     whole.logger = MetricsLogger(tmp_path / "whole", tensorboard=False)
     whole.fit()
     whole.logger.close()
     reference = {r["step"]: r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")}
 
     run = tmp_path / "killed"
-    first = start(make_trainer, cfg, run)
+    first = start(make_trainer, cfg, run, eagle_k)
     first.logger = MetricsLogger(run, tensorboard=False)
     real_step = first.train_step
     monkeypatch.setattr(first, "train_step", lambda s: real_step(s) if s < 3 else (_ for _ in ()).throw(Killed()))
@@ -62,7 +70,7 @@ def test_killed_run_resumes_bit_identically(make_trainer, tmp_path, monkeypatch)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1, 2]
     assert latest_checkpoint(run / "checkpoints").name == "step-000002"
 
-    second = start(make_trainer, cfg, run)
+    second = start(make_trainer, cfg, run, eagle_k)
     state = second.restore()
     assert state.step == 2 and state.data_position == 2 * cfg.rollout.prompts_per_step
     kept = truncate_metrics(run / "metrics.jsonl", state.step)  # drops step 2's row (after the checkpoint)
@@ -73,10 +81,16 @@ def test_killed_run_resumes_bit_identically(make_trainer, tmp_path, monkeypatch)
     resumed = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]
     for r in resumed:
-        for key in EXACT_KEYS:
+        for key in EXACT_KEYS + (ONLINE_EXACT_KEYS if online else ()):
             assert r[key] == reference[r["step"]][key], (r["step"], key)  # exact, not approx
     assert r["kl_ref"] > 0 and r["entropy"] > 0  # the compared numbers are not trivially zero
     assert summary.steps == 4 and latest_checkpoint(run / "checkpoints").name == "step-000004"
+    if online:
+        assert [r["drafter_version"] for r in resumed] == [-1, 0, 1, 2] and r["drafter_failures"] == 0
+        assert r["spec_accept_len"] > 1 and r["learner_loss_last"] is not None
+        final = whole.engine.drafter.head.state_dict()  # both swapped in update 3 at the end of fit
+        assert all(torch.equal(v, final[k]) for k, v in second.engine.drafter.head.state_dict().items())
+        assert whole.online.distiller.version == second.online.distiller.version == 3
 
 
 def fitted(make_trainer, tmp_path, steps=2):
@@ -144,6 +158,13 @@ def test_resume_overrides_that_change_the_trajectory_are_refused_naming_the_key(
 
     assert main(["train", "--resume", str(run), "--rl.kl_beta", "0.1"]) == 2
     assert "rl.kl_beta" in capsys.readouterr().err
+
+    old = tmp_path / "old"  # saved before the [drafter] section existed: resumed without online distillation
+    old.mkdir()
+    (old / "config.toml").write_text("steps = 3\n")
+    assert resume_config(old, {}).drafter.online == "off"
+    with pytest.raises(C.ConfigValueError, match="drafter.online"):
+        resume_config(run, {"drafter": {"online": "off"}})  # the saved run's is auto
 
 
 def test_cli_resume_continues_and_matches_an_uninterrupted_run(actor_dir, tmp_path):  # noqa: F811

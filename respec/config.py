@@ -281,8 +281,8 @@ class TrainDataConfig:
 
 @dataclass(frozen=True)
 class TrainRolloutConfig:
-    prompts_per_step: int = _help("prompts sampled per training step", 4)
-    group_size: int = _help("responses per prompt (G); advantages are computed within each group", 8)
+    prompts_per_step: int = _help("prompts sampled per training step", 8)
+    group_size: int = _help("responses per prompt (G); advantages are computed within each group", 4)
     max_new_tokens: int = _help("response budget; longer responses are cut (finish_reason 'length')", 300)
     temperature: float = _help("sampling temperature of the rollouts (> 0: the policy being trained)", 1.0)
     top_p: float = _help("nucleus mass of the rollouts (1 = off); the loss uses the recorded nucleus sizes", 1.0)
@@ -390,7 +390,7 @@ class TrainRLConfig:
 
 @dataclass(frozen=True)
 class TrainOptimConfig:
-    lr: float = _help("peak AdamW learning rate", 5e-5)
+    lr: float = _help("peak AdamW learning rate", 1e-4)
     schedule: str = _help("after warm-up: cosine (down to min_lr_ratio * lr at the last step) | constant", "cosine")
     warmup_steps: int = _help("linear warm-up, in training steps", 10)
     min_lr_ratio: float = _help("cosine floor as a fraction of lr", 0.1)

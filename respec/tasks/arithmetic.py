@@ -7,8 +7,8 @@ line `ans 10063`; the model then emits <eos>. The reward only reads that last li
 Why this shape. RL on real reasoning tasks sees a long-tailed response length distribution (a few
 very long rollouts per batch), which is what speculative rollouts and the tuner must cope with. The
 families below mix short additions and subtractions (30-60 tokens) with written-out
-multiplications (up to ~320 tokens): with the default weights, responses average ~87 tokens with
-p90/p10 ~5.7 (tests/tasks check mean >= 60 and p90/p10 >= 4). Every family is built from three
+multiplications (up to ~190 tokens): with the default weights, responses average ~63 tokens with
+p90/p10 ~4.5 (tests/tasks check mean >= 60 and p90/p10 >= 4). Every family is built from three
 primitive column traces, so a small char-level model learns a handful of local skills (one-digit
 tables, carries, copying the digit of the current column); long problems are long because they
 chain many easy lines, not because any single line is hard. A slip anywhere in a long chain spoils
@@ -68,15 +68,17 @@ class Problem:
 class Difficulty:
     """Operand sizes per family; ranges are inclusive (lo, hi) digit counts."""
 
-    # Defaults sized so the built-in ~5M actor learns the format in a 10-minute CPU pretraining
-    # while responses keep a long tail (2,000 problems: mean ~75 tokens, p90/p10 ~5.9).
+    # Defaults sized so the built-in ~5M actor reaches a ~40% pass rate at temperature 1 in a
+    # 10-minute CPU pretraining (RL needs room both ways) while responses keep a long tail
+    # (2,000 problems: mean ~63 tokens, p90/p10 ~4.5). 3-digit multipliers (responses to ~320
+    # tokens) left the same budget at 18%.
     add_digits: tuple[int, int] = (1, 3)  # first addend
     add_second_digits: tuple[int, int] = (1, 2)
     sub_digits: tuple[int, int] = (2, 3)  # minuend; the subtrahend has 1..as many digits, <= minuend
     chain_terms: tuple[int, int] = (3, 3)  # number of terms
     chain_digits: tuple[int, int] = (1, 2)  # digits of each term
-    mul_digits: tuple[int, int] = (2, 3)  # multiplicand
-    mul_multiplier_digits: tuple[int, int] = (1, 3)  # multiplier, every digit in 1-9
+    mul_digits: tuple[int, int] = (2, 4)  # multiplicand
+    mul_multiplier_digits: tuple[int, int] = (1, 2)  # multiplier, every digit in 1-9
 
     def __post_init__(self) -> None:
         for name in ("add_digits", "add_second_digits", "sub_digits", "chain_terms", "chain_digits",

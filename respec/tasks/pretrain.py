@@ -38,8 +38,8 @@ class PretrainConfig:
     num_heads: int = _help("attention heads", 4)
     num_kv_heads: int = _help("key/value heads (GQA)", 2)
     intermediate_size: int = _help("SwiGLU width", 768)
-    steps: int = _help("optimizer steps", 700)
-    tokens_per_step: int = _help("padded tokens per batch (length-bucketed batches)", 4096)
+    steps: int = _help("optimizer steps", 1500)
+    tokens_per_step: int = _help("padded tokens per batch (length-bucketed batches)", 2048)
     lr: float = _help("peak learning rate (cosine decay after warm-up)", 2e-3)
     warmup: int = _help("linear warm-up steps", 30)
     weight_decay: float = _help("AdamW weight decay", 0.05)
@@ -63,6 +63,8 @@ class PretrainConfig:
         d = asdict(self)
         for k in ("output", "force", "eval_problems"):
             d.pop(k)
+        task = ArithmeticTask(seed=self.task_seed, heldout_size=1)  # the data is part of what is cached
+        d["task"] = {"families": task.families, "weights": task.weights, "difficulty": asdict(task.difficulty)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -1,6 +1,7 @@
 """`respec bench adaptive`: the adaptive controller vs plain decoding vs every static draft length.
 
-Part 1, fixed active batch (stop tokens ignored, every row generates `new_tokens`), temperature 1:
+Part 1, fixed active batch (stop tokens ignored, every row generates `new_tokens` of a problem whose
+solution is at least that long), temperature 1:
 for each batch size, plain, every static k and adaptive run interleaved (protocol.py). The best
 static k is chosen on a separate selection repetition (so the comparison is not against the
 maximum of noisy medians, which is biased upwards), then every configuration is measured over
@@ -39,8 +40,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ks", default="1,2,3,4,5,6")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--rollout-prompts", type=int, default=4, help="prompts per rollout (the default workload's prompts_per_step)")
-    p.add_argument("--rollout-group", type=int, default=8, help="samples per prompt (the default workload's group size)")
+    p.add_argument("--rollout-prompts", type=int, default=8, help="prompts per rollout (the default workload's prompts_per_step)")
+    p.add_argument("--rollout-group", type=int, default=4, help="samples per prompt (the default workload's group size)")
     p.add_argument("--rollout-max-new", type=int, default=300)
     p.add_argument("--rollout-batches", type=int, default=2, help="different prompt sets per repetition (summed)")
     p.add_argument("--skip-fixed", action="store_true", help="only part 2 (whole rollouts)")
@@ -89,8 +90,10 @@ def _choice_shares(decisions: list[tuple[int, int]]) -> dict[str, float]:
 
 
 def fixed_batches(model, tok, drafter, task, batches, ks, adaptive_policy, args) -> list[dict]:
+    from .rollout import long_problems
+
     sampling = SamplingParams(temperature=1.0)
-    problems = task.problems(0, max(batches))
+    problems = long_problems(task, tok, max(batches), args.new_tokens)  # real solution text throughout
     records = []
     for B in batches:
         reqs = [Request(p.id, tuple(tok.encode(p.prompt)), 0, args.new_tokens) for p in problems[:B]]

@@ -1,6 +1,7 @@
 """`respec bench rollout`: plain vs speculative decoding on the built-in actor and its drafter.
 
-Part 1, fixed active batch (stop tokens ignored, every row generates `new_tokens`): for each
+Part 1, fixed active batch (stop tokens ignored, every row generates `new_tokens`; the prompts are
+task problems whose solutions are at least that long, see long_problems): for each
 temperature, batch size and k, plain and speculative runs are interleaved (protocol.py); we report
 tokens/s, the speedup with its bootstrap interval, the mean acceptance length tau (tokens emitted
 per row per verify round), acceptance per draft position, and the speedup *predicted* from the
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks import ArithmeticTask
 
     task = ArithmeticTask(seed=12345)
-    problems = task.problems(0, max(batches + [args.rollout_prompts]))
+    problems = long_problems(task, tok, max(batches), args.new_tokens)
     peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # the same cost profile the adaptive controller uses (tuner/profile.py)
     costs = measure_profile(model, drafter, batch_sizes=tuple(batches), max_k=max(ks))
@@ -111,6 +112,21 @@ def run(args: argparse.Namespace) -> int:
     plot_rollout(payload, Path(args.out).with_suffix(".png"))
     print(md)
     return 0
+
+
+def long_problems(task, tok, n: int, min_tokens: int) -> list:
+    """The first n task problems whose reference solution has at least min_tokens tokens: a fixed
+    active batch decodes real solution text for its whole budget (stops are ignored there), not
+    the arbitrary text a model writes after it would have stopped, which no drafter is trained on."""
+    out, i = [], 0
+    while len(out) < n:
+        for p in task.problems(i, 256):
+            if len(tok.encode(p.solution)) >= min_tokens and len(out) < n:
+                out.append(p)
+        i += 256
+        if i > 100_000:
+            raise ValueError(f"fewer than {n} task problems have solutions of {min_tokens}+ tokens")
+    return out
 
 
 def whole_rollouts(model, tok, drafter, task, ks, args) -> dict:

@@ -255,7 +255,7 @@ class DistillConfig:
     model: str = _help("actor checkpoint directory the drafter is trained against; empty = the built-in actor", "")
     data: str = _help("JSONL of prompts (rows with 'prompt' or 'prompt_ids'); empty = the built-in task's prompts", "")
     output: str = _help("drafter directory to write (config.json + model.safetensors)", "")
-    max_steps: int = _help("optimizer steps", 500)
+    max_steps: int = _help("optimizer steps", 800)
     batch_size: int = _help("sequences per step", 16)
     lr: float = _help("peak AdamW learning rate (linear warm-up, cosine decay to a tenth)", 3e-3)
     weight_decay: float = _help("AdamW weight decay", 0.0)

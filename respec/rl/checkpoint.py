@@ -86,7 +86,7 @@ def policy_state(policy: object | None) -> dict | None:
         return policy.state()
     if isinstance(policy, AdaptiveK):
         return {"acceptance": policy.acceptance.state(), "current": policy.current, "dwell": policy.dwell,
-                "last_batch": policy.last_batch, "profile": policy.profile.to_dict()}
+                "last_batch": policy.last_batch, "iteration": policy.iteration, "profile": policy.profile.to_dict()}
     return None
 
 
@@ -98,6 +98,7 @@ def load_policy_state(policy: object | None, s: dict | None) -> None:
     elif isinstance(policy, AdaptiveK):
         policy.acceptance.load_state(s["acceptance"])
         policy.current, policy.dwell, policy.last_batch = s["current"], s["dwell"], s["last_batch"]
+        policy.iteration = s.get("iteration", 0)
         if "profile" in s:  # the costs the run decided with, not a re-measured (noisy) profile
             policy.profile = CostProfile.from_dict(s["profile"])
 

@@ -87,6 +87,7 @@ class AcceptanceModel:
     prior_weight: float = 8.0  # pseudo-count of the prior
     accepted: list[float] = field(default_factory=list)
     reached: list[float] = field(default_factory=list)
+    observed: int = 0  # rows ever verified with a draft at position 1 (undecayed: the evidence)
 
     def __post_init__(self) -> None:
         if not self.accepted:
@@ -96,12 +97,17 @@ class AcceptanceModel:
     def update(self, accepted_at: list[int], drafted_at: list[int]) -> None:
         """Counts from one round: accepted_at[j] rows accepted draft j; drafted_at[j] rows had it.
         Rows that reached position j = those that accepted every earlier draft (and had draft j)."""
+        self.observed += drafted_at[0] if drafted_at else 0
         for j in range(min(len(drafted_at), self.max_k)):
             reached = drafted_at[j] if j == 0 else min(accepted_at[j - 1], drafted_at[j])
             if reached == 0:
                 continue
             self.accepted[j] = self.decay * self.accepted[j] + accepted_at[j]
             self.reached[j] = self.decay * self.reached[j] + reached
+
+    def evidence(self) -> int:
+        """Rows ever verified with at least one draft."""
+        return self.observed
 
     def alpha(self, j: int) -> float:
         return self.accepted[j] / self.reached[j] if self.reached[j] > 0 else self.prior
@@ -114,10 +120,11 @@ class AcceptanceModel:
         return total
 
     def state(self) -> dict:
-        return {"accepted": list(self.accepted), "reached": list(self.reached)}
+        return {"accepted": list(self.accepted), "reached": list(self.reached), "observed": self.observed}
 
     def load_state(self, s: dict) -> None:
         self.accepted, self.reached = list(s["accepted"]), list(s["reached"])
+        self.observed = int(s.get("observed", 0))
 
 
 @dataclass
@@ -129,9 +136,17 @@ class AdaptiveK:
     max_k: int = 8
     switch_margin: float = 0.05
     min_dwell: int = 4
+    # Exploration: a controller that starts "off" never sees an acceptance count, so it could stay
+    # off on its prior forever where speculation pays. While the acceptance model has seen fewer
+    # than `min_evidence` rows verified with drafts, every `probe_every`-th iteration that is off
+    # drafts `probe_k` tokens instead, but only where perfect acceptance could beat plain decoding.
+    probe_every: int = 8
+    probe_k: int = 3
+    min_evidence: int = 16
     current: int = -1  # -1: nothing chosen yet
     dwell: int = 0
     last_batch: int = 0
+    iteration: int = 0
     # (active batch, k) per decode iteration, the most recent ones (bounded: a run makes millions)
     decisions: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=1 << 16))
 
@@ -154,8 +169,20 @@ class AdaptiveK:
                 self.current, self.dwell = best, 0
         self.dwell += 1
         self.last_batch = active
-        self.decisions.append((active, self.current))
-        return self.current
+        self.iteration += 1
+        k = self.current
+        if k == 0 and self.iteration % self.probe_every == 0 and self._should_probe(active):
+            k = min(self.probe_k, self.max_k, self.profile.max_k, self.acceptance.max_k)
+        self.decisions.append((active, k))
+        return k
+
+    def _should_probe(self, B: int) -> bool:
+        if self.acceptance.evidence() >= self.min_evidence:
+            return False
+        plain = self.predicted_throughput(B, 0)
+        k = min(self.probe_k, self.max_k, self.profile.max_k, self.acceptance.max_k)
+        cost = k * self.profile.draft_cost(B) + self.profile.verify_cost(B, k + 1) + self.profile.round_cost(B)
+        return B * (k + 1) / cost > plain * (1 + self.switch_margin)  # could pay if every draft were accepted
 
     def observe(self, stats) -> None:
         if stats.k > 0:

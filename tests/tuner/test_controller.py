@@ -88,3 +88,58 @@ def test_decisions_are_deterministic_and_state_round_trips():
     assert [m.alpha(j) for j in range(8)] == [a.acceptance.alpha(j) for j in range(8)]
     p = CostProfile.from_dict(cpu_like_profile().to_dict())
     assert p.verify_cost(3, 4) == cpu_like_profile().verify_cost(3, 4)
+
+
+def steep_profile() -> CostProfile:
+    """Each extra verified token costs 1.5 ms on top of a 4 ms step; a drafter step 1 ms. Under the
+    default prior (alpha 0.6) no k beats plain decoding at batch 1; with alpha 0.9, k = 2 does (~1.2x)."""
+    verify = {B: {q: 0.004 + 0.0015 * (q - 1) * B for q in range(1, 10)} for B in GRID}
+    return CostProfile(GRID, verify, {B: 0.001 for B in GRID})
+
+
+def drive(c: AdaptiveK, n: int, alpha: float = 0.9, seed: int = 0) -> list[int]:
+    """n iterations at batch 1 against a drafter whose drafts are accepted i.i.d. with prob. alpha."""
+    import random
+
+    rng, ks = random.Random(seed), []
+    for _ in range(n):
+        k = c.choose(1)
+        ks.append(k)
+        if k:
+            run = 0
+            while run < k and rng.random() < alpha:
+                run += 1
+            c.observe(SimpleNamespace(k=k, accepted_at=[int(j < run) for j in range(k)], drafted_at=[1] * k))
+    return ks
+
+
+def test_probing_finds_speculation_that_the_prior_rules_out():
+    assert AdaptiveK(steep_profile()).best(1) == 0  # the prior alone says off
+    c = AdaptiveK(steep_profile())
+    ks = drive(c, 400)
+    assert ks[:7] == [0] * 7 and ks[7] == c.probe_k  # the first probe, on schedule
+    assert c.current > 0 and ks[-50:] == [c.current] * 50  # it found a paying k and settled on it
+    never = AdaptiveK(steep_profile(), probe_every=10**9)  # without exploration it stays off forever
+    assert set(drive(never, 400)) == {0}
+
+
+def test_probing_stops_once_acceptance_is_known_and_never_happens_where_nothing_can_pay():
+    c = AdaptiveK(steep_profile())
+    ks = drive(c, 600, alpha=0.05)  # a useless drafter: probe, learn, stay off
+    probes = sum(1 for k in ks if k)
+    assert c.current == 0 and probes == c.min_evidence and set(ks[-200:]) == {0}
+    big = AdaptiveK(steep_profile())
+    assert all(big.choose(64) == 0 for _ in range(200))  # even all-accepted drafts cannot pay at 64
+
+
+def test_profile_noise_cannot_make_more_work_cheaper():
+    from respec.tuner.profile import _monotone
+
+    noisy = CostProfile([1, 2, 4], {1: {1: 4.0, 2: 5.2, 3: 4.6}, 2: {1: 5.8, 2: 4.9, 3: 6.0}, 4: {1: 7.9, 2: 5.4, 3: 5.6}},
+                        {1: 1.2, 2: 1.1, 4: 1.5})
+    p = _monotone(noisy)
+    for B in (1, 2, 4):
+        assert [p.verify[B][q] for q in (1, 2, 3)] == sorted(p.verify[B][q] for q in (1, 2, 3))
+    for q in (1, 2, 3):
+        assert [p.verify[B][q] for B in (1, 2, 4)] == sorted(p.verify[B][q] for B in (1, 2, 4))
+    assert p.verify[2][2] == 5.8 and p.draft[2] == 1.2

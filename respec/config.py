@@ -359,7 +359,8 @@ ONLINE_SETTINGS = ("auto", "on", "off")
 class TrainDrafterConfig(OnlineDistillOptions):
     online: str = _help(
         "online distillation of the rollouts' EAGLE head during training: auto (on when rollout.spec drafts with an "
-        "EAGLE head, e.g. the built-in actor's; off for a standalone draft LM or no drafter) | on | off", "auto")
+        "EAGLE head, e.g. the built-in actor's, and the learner process has a core of its own: CUDA or 4+ CPUs; "
+        "off for a standalone draft LM, no drafter or a 2-core CPU) | on | off", "auto")
 
     def validate(self, prefix: str = "drafter.") -> None:
         if self.online not in ONLINE_SETTINGS:

@@ -21,8 +21,9 @@ never outlives training). The engine's drafter shares the live actor's embedding
 the swapped head is always paired with the current actor's.
 
 Enabled by TrainConfig.drafter.online: `auto` turns it on when the rollouts draft (rollout.spec not
-off) with an EAGLE head (the built-in actor's default), off for a standalone draft LM or no
-drafter; `on` requires an EAGLE head; `off` never. Disabled, every hook is a no-op and the drafter
+off) with an EAGLE head (the built-in actor's default) and the learner has a core of its own (CUDA,
+or 4+ CPUs: see MIN_CPUS_FOR_AUTO), off for a standalone draft LM, no drafter or a 2-core CPU;
+`on` requires an EAGLE head; `off` never. Disabled, every hook is a no-op and the drafter
 metrics are null.
 
 Versions (drafter/online.py): `drafter_version` in step N's record is the update whose head
@@ -34,6 +35,7 @@ steps V - max_age + 1 .. V with step V's actor's embedding and LM head (`drafter
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -54,14 +56,26 @@ from ..rollout.engine import Commit, Engine, GenerationResult, Request
 ONLINE_METRIC_KEYS: tuple[str, ...] = METRIC_KEYS + ("drafter_stale_warnings", "drafter_capture_s")
 
 
-def online_enabled(cfg: TrainConfig, drafter: object | None) -> bool:
-    """drafter.online resolved against the engine's drafter (module docstring)."""
+# The learner needs a core of its own: on the 2-core CPU the learner process slowed the trainer's
+# update phase by ~70% (0.88-1.03 s -> 1.59-1.79 s per step, `respec bench grpo`, 3 seeds), more
+# than speculation saved in generation, so `auto` leaves it off on small CPU-only machines.
+MIN_CPUS_FOR_AUTO = 4
+
+
+def learner_has_room(cfg: TrainConfig, cpus: int | None = None) -> bool:
+    """A spare core for the learner process: a CUDA run, or at least MIN_CPUS_FOR_AUTO CPUs."""
+    return cfg.device.startswith("cuda") or (cpus if cpus is not None else os.cpu_count() or 1) >= MIN_CPUS_FOR_AUTO
+
+
+def online_enabled(cfg: TrainConfig, drafter: object | None, cpus: int | None = None) -> bool:
+    """drafter.online resolved against the engine's drafter and the machine (module docstring)."""
     setting, eagle = cfg.drafter.online, isinstance(drafter, EagleDrafter)
     if setting == "on" and not eagle:
         what = "no drafter" if drafter is None else f"a {type(drafter).__name__} (not an EAGLE head)"
         raise ConfigValueError(f"drafter.online = on needs the rollouts to draft with an EAGLE head, got {what}; "
                                "set rollout.drafter to an EAGLE head directory or drafter.online to auto / off")
-    return setting == "on" or (setting == "auto" and eagle and parse_spec(cfg.rollout.spec) != 0)
+    return setting == "on" or (setting == "auto" and eagle and parse_spec(cfg.rollout.spec) != 0
+                               and learner_has_room(cfg, cpus))
 
 
 def speculative_accept_len(gen: GenerationResult) -> float | None:

@@ -113,9 +113,10 @@ def test_online_setting_resolves_against_the_drafter():
 
     eagle, draft_lm = EagleDrafter(tiny_eagle(model), model), DraftModelDrafter(tiny_lm(seed=1))
     auto = online_config(drafter={"online": "auto"})
-    assert online_enabled(auto, eagle)
-    assert not online_enabled(auto, draft_lm) and not online_enabled(auto, None)
-    assert not online_enabled(online_config(drafter={"online": "auto"}, rollout={"spec": "off"}), eagle)
+    assert online_enabled(auto, eagle, cpus=8)
+    assert not online_enabled(auto, eagle, cpus=2)  # no core for the learner: it would slow the trainer
+    assert not online_enabled(auto, draft_lm, cpus=8) and not online_enabled(auto, None, cpus=8)
+    assert not online_enabled(online_config(drafter={"online": "auto"}, rollout={"spec": "off"}), eagle, cpus=8)
     assert not online_enabled(online_config(drafter={"online": "off"}), eagle)
     with pytest.raises(C.ConfigValueError, match="drafter.online = on needs .* EAGLE head, got a DraftModelDrafter"):
         online_enabled(online_config(), draft_lm)
@@ -138,15 +139,16 @@ def test_invalid_drafter_keys_are_named(tmp_path, capsys, flags, message):
 
 
 def test_cli_train_distills_online_and_saves_a_reusable_drafter(actor_dir, tmp_path, capsys):  # noqa: F811
-    """`respec train` with an EAGLE head for the actor: auto turns online distillation on; the run
-    saves the head in RUN_DIR/drafter, loadable with RUN_DIR/actor."""
+    """`respec train` with an EAGLE head for the actor and drafter.online = on; the run saves the
+    head in RUN_DIR/drafter, loadable with RUN_DIR/actor."""
     actor = load_pretrained(actor_dir).model
     start = save_eagle(tiny_eagle(actor), tmp_path / "eagle")
     run = tmp_path / "run"
     assert main(tiny_args(actor_dir, run, "--rollout.spec", "2", "--rollout.drafter", str(start),
-                          "--eval.heldout", "0", "--output.plots", "false", "--drafter.tokens_per_update", "64")) == 0
+                          "--eval.heldout", "0", "--output.plots", "false", "--drafter.tokens_per_update", "64",
+                          "--drafter.online", "on")) == 0
     out, err = capsys.readouterr()
-    assert "online drafter distillation on (drafter.online = auto, mode async)" in err
+    assert "online drafter distillation on (drafter.online = on, mode async)" in err
     assert f"online-distilled drafter saved to {run / 'drafter'}" in out
     records = read_metrics(run / "metrics.jsonl")
     assert [r["drafter_version"] for r in records] == [-1, 0]

@@ -39,6 +39,10 @@ _BENCHES = {
     "adaptive": ("adaptive speculation vs plain vs every static k (fixed batches, whole GRPO rollouts)", "respec.bench.adaptive"),
     "grpo": ("GRPO runs with speculation on vs off over seeds: same curves, less generation time", "respec.bench.grpo"),
     "lossless": ("the pooled losslessness test at >= 10^6 tokens over 20 seeds", "respec.bench.lossless"),
+    "overlap": ("online drafter learner: frozen vs synchronous vs asynchronous step time, overlap efficiency",
+                "respec.bench.overlap"),
+    "stale": ("drafter staleness over one GRPO trajectory: frozen vs online variants, exact expected acceptance",
+              "respec.bench.stale"),
 }
 
 

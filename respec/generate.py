@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import GenerateConfig, spec_settings
 from .io import DataError, atomic_write_jsonl, read_jsonl
-from .models import Tokenizer, load_pretrained
+from .models import load_pretrained
 from .models.transformer import Transformer
 from .rollout.engine import Engine, Request, StaticK
 from .rollout.sampling import SamplingParams

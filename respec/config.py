@@ -387,6 +387,9 @@ class TrainRLConfig:
         "reward functions: built-in names (exact_answer) or import paths 'pkg.mod:fn' / 'file.py:fn'", ("exact_answer",))
     reward_weights: tuple[float, ...] = _help("one weight per reward function; empty = all 1", ())
     pass_threshold: float = _help("a response passes when its total reward >= this (pass rate metrics)", 1.0)
+    skip_zero_advantage: bool = _help(
+        "leave responses with advantage 0 (zero-variance groups) out of the training forward: their gradient is exactly "
+        "0 when kl_beta = 0, so the update is the same and the train phase shorter", True)
 
 
 @dataclass(frozen=True)

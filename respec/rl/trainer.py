@@ -40,7 +40,8 @@ Metrics (one JSON record per line in metrics.jsonl; "kind" is "train" or "eval")
     >= rl.pass_threshold), response_len_mean, response_len_max, truncation_rate (finish "length"),
     zero_std_fraction, loss, kl_ref (k3 to the reference; null when kl_beta = 0), kl_old (k3 to the
     behaviour policy), entropy (of the sampling distribution, same transform), clip_fraction,
-    ratio_mean, ratio_max, grad_norm (mean over updates, before clipping), lr, updates,
+    ratio_mean, ratio_max (loss statistics cover the rows trained on: with rl.skip_zero_advantage,
+    those with a non-zero advantage), train_skipped_fraction (rows left out: advantage 0), grad_norm (mean over updates, before clipping), lr, updates,
     logprob_gap_mean, logprob_gap_max (|train - engine| log-prob over the first minibatch's tokens,
     taken before any update of the step: the train/inference mismatch), nucleus_guard_fraction,
     tokens, tokens_per_s (generated tokens / step time), gen_tokens_per_s,
@@ -74,6 +75,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
+from torch import Tensor
 
 from ..config import TrainConfig
 from ..models.transformer import Transformer
@@ -95,7 +97,8 @@ from .online_drafter import ONLINE_METRIC_KEYS, OnlineDrafter
 TRAIN_METRIC_KEYS: tuple[str, ...] = (
     "kind", "step", "reward_mean", "reward_std", "pass_rate", "response_len_mean", "response_len_max",
     "truncation_rate", "zero_std_fraction", "loss", "kl_ref", "kl_old", "entropy", "clip_fraction", "ratio_mean",
-    "ratio_max", "grad_norm", "lr", "updates", "logprob_gap_mean", "logprob_gap_max", "nucleus_guard_fraction",
+    "ratio_max", "train_skipped_fraction", "grad_norm", "lr", "updates", "logprob_gap_mean", "logprob_gap_max",
+    "nucleus_guard_fraction",
     "tokens", "tokens_per_s", "gen_tokens_per_s", "time_generate_s", "time_reward_s", "time_train_s",
     "time_sync_s", "time_drafter_s", "time_step_s", "r_gen", "ceiling_s2", "ceiling_s3", "spec_accept_len",
     "spec_accept_at", "spec_k_mean", "spec_active_mean", "spec_accepted_fraction", "spec_rounds", "spec_draft_s",
@@ -333,7 +336,7 @@ class GRPOTrainer:
             "clip_fraction": st.clip_fraction, "ratio_mean": st.ratio_mean, "ratio_max": st.ratio_max,
             "grad_norm": update.grad_norm, "lr": update.lr, "updates": update.updates,
             "logprob_gap_mean": st.logprob_gap_mean, "logprob_gap_max": st.logprob_gap_max,
-            "nucleus_guard_fraction": update.guard_fraction,
+            "nucleus_guard_fraction": update.guard_fraction, "train_skipped_fraction": update.skipped_fraction,
             "tokens": gen.tokens, "tokens_per_s": gen.tokens / step_s, "gen_tokens_per_s": gen.tokens / (t1 - tg),
             "time_generate_s": t1 - tg, "time_reward_s": t2 - t1, "time_train_s": t3 - tu, "time_sync_s": sync_s,
             "time_drafter_s": (tg - t0) + (tu - t2), "time_step_s": step_s, "r_gen": r_gen,
@@ -398,14 +401,17 @@ class GRPOTrainer:
         mb_size = o.minibatch_size or batch.size
         parts: list[LossStats] = []
         norms, losses = [], []
-        guarded = tokens = 0
+        guarded = tokens = skipped = 0
         self.model.train()
         for _ in range(rl.epochs):
             order = torch.randperm(batch.size, generator=gen).to(self.device)
             for start in range(0, batch.size, mb_size):
                 rows = order[start : start + mb_size]
-                n_tok, n_seq = int(batch.mask[rows].sum().item()), rows.numel()
+                n_tok, n_seq = int(batch.mask[rows].sum().item()), rows.numel()  # denominators: every row
                 first = not norms  # no update yet this step: the weights are the engine's
+                skipped += rows.numel()
+                rows = self._rows_with_gradient(batch, rows)
+                skipped -= rows.numel()
                 self.optimizer.zero_grad(set_to_none=True)
                 mb_loss = 0.0
                 for micro in batch.chunks(rows, o.micro_batch_size):
@@ -437,7 +443,24 @@ class GRPOTrainer:
         return _UpdateResult(
             stats=merge_stats(parts), loss=sum(losses) / len(losses), grad_norm=sum(norms) / len(norms),
             lr=lr, updates=len(norms), guard_fraction=guarded / max(tokens, 1),
+            skipped_fraction=skipped / max(rl.epochs * batch.size, 1),
         )
+
+    def _rows_with_gradient(self, batch: RolloutBatch, rows: Tensor) -> Tensor:
+        """The rows of a minibatch whose forward/backward can change the weights.
+
+        With kl_beta = 0, a response with advantage 0 (every response of a zero-variance group) has
+        per-token loss -min(ratio * 0, clip(ratio) * 0) = 0 and gradient exactly 0, whatever its
+        log-probs: leaving it out of the forward changes no weight, while the loss denominators stay
+        the whole minibatch's (the caller takes them before filtering). At 41% pass rate and G = 4
+        most groups have zero variance, so this removes most of the train phase. One row is always
+        kept so the step still measures the train/engine log-prob gap and AdamW sees a gradient
+        (zero) for every parameter, exactly as with the full minibatch. rl.skip_zero_advantage =
+        false runs every row (the same update; statistics such as entropy then cover every row)."""
+        if not self.cfg.rl.skip_zero_advantage or self.cfg.rl.kl_beta > 0:
+            return rows
+        keep = rows[batch.advantages[rows] != 0]
+        return keep if keep.numel() else rows[:1]
 
     def sync_weights(self) -> float:
         """Make the engine sample from the updated weights; returns seconds spent (0 when shared)."""
@@ -549,3 +572,4 @@ class _UpdateResult:
     lr: float
     updates: int
     guard_fraction: float  # response tokens whose nucleus the guard widened (batch.py)
+    skipped_fraction: float = 0.0  # rows left out of the forward: advantage 0, no gradient (_rows_with_gradient)

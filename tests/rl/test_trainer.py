@@ -140,3 +140,41 @@ def test_dataset_prompts_are_a_pure_function_of_seed_and_step():
     flat = [i for batch in ids for i in batch]
     assert all(sorted(flat[e * 7 : (e + 1) * 7]) == sorted(r.id for r in ds) for e in range(3))  # epochs
     assert flat[:7] != flat[7:14]  # reshuffled per epoch
+
+
+def first_token_is_target(completions, completion_ids, **kwargs) -> list[float]:
+    """0/1 reward: most groups of a random tiny policy are all-0 (advantage 0)."""
+    return [float(bool(ids) and ids[0] == 3) for ids in completion_ids]
+
+
+@pytest.mark.parametrize("aggregation,minibatch", [("token", 0), ("sequence", 8), ("constant", 0)])
+def test_leaving_out_zero_advantage_rows_gives_the_same_update(make_trainer, aggregation, minibatch):
+    """rl.skip_zero_advantage drops rows from the forward, not from the loss denominators: the weights
+    after two steps match the run that trains on every row, while most rows were skipped."""
+    from respec.tasks.reward import CombinedReward
+
+    grads, stats = {}, {}
+    for skip in (True, False):
+        cfg = train_config(rollout={"prompts_per_step": 8, "group_size": 4},
+                           rl={"aggregation": aggregation, "skip_zero_advantage": skip, "epochs": 2},
+                           optim={"minibatch_size": minibatch, "micro_batch_size": 4, "lr": 1e-2})
+        t = make_trainer(cfg, tiny_lm(std=0.3))
+        t.reward = CombinedReward([("first", first_token_is_target, 1.0)])
+        seen, step_fn = [], t.optimizer.step
+
+        def recording_step(*args, _seen=seen, _step=step_fn, _model=t.model, **kwargs):
+            _seen.append(torch.cat([p.grad.flatten() for p in _model.parameters()]))  # every parameter has one
+            return _step(*args, **kwargs)
+
+        t.optimizer.step = recording_step
+        rows = [t.train_step(step) for step in range(2)]
+        assert 0 < rows[0]["zero_std_fraction"] < 1, rows[0]["zero_std_fraction"]  # mixed: some rows train
+        grads[skip] = seen
+        stats[skip] = [(r["train_skipped_fraction"], r["loss"], r["grad_norm"]) for r in rows]
+    assert [s[0] for s in stats[False]] == [0.0, 0.0] and stats[True][0][0] > 0.25, stats
+    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(stats[True], stats[False]):
+        assert loss_a == pytest.approx(loss_b, rel=1e-4, abs=1e-7) and norm_a == pytest.approx(norm_b, rel=1e-4)
+    # the same gradient at every optimizer step (a changed denominator would rescale it)
+    assert len(grads[True]) == len(grads[False]) > 1
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item() + 1e-9)

@@ -26,23 +26,29 @@ from ..rollout.speculative import verify_drafts
 from .controller import CostProfile
 
 DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 64)
-PROFILE_VERSION = 2  # bump when the measurement changes, so stale cached profiles are not reused
+PROFILE_VERSION = 3  # bump when the measurement changes, so stale cached profiles are not reused
 
 
-def _median_time(fn, reps: int) -> float:
-    """Lower-quartile latency of `reps` timed calls after one warm-up: on a shared machine the
-    slow outliers are other tenants, not the kernel, so the low end is the stable figure."""
+def _interleaved_times(fns: dict, reps: int) -> dict:
+    """Time every callable `reps` times, round-robin (one call of each per round, after one warm-up
+    round), and return the lower-quartile latency of each. Interleaving puts a burst from another
+    tenant into every configuration's samples alike instead of into one configuration's (which would
+    skew the very ratios the controller compares); the low end of each set is the stable figure."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn()
-    ts = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return statistics.median(ts[: max(1, (len(ts) + 1) // 2)])
+    times: dict = {name: [] for name in fns}
+    for r in range(reps + 1):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = statistics.median(ts[: max(1, (len(ts) + 1) // 2)])
+    return out
 
 
 def _monotone(profile: CostProfile) -> CostProfile:
@@ -76,10 +82,10 @@ def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ct
     for B in batch_sizes:
         cache = model.new_cache(B, ctx + max_k + 2)
         start = torch.full((B,), ctx, dtype=torch.long, device=dev)
-        verify[B] = {}
+        fns = {}
         for q in range(1, max_k + 2):
             toks = torch.randint(3, V, (B, q), device=dev)
-            verify[B][q] = _median_time(lambda: model(toks, start=start, cache=cache, hidden_layers=layers), reps)
+            fns[("verify", q)] = lambda toks=toks: model(toks, start=start, cache=cache, hidden_layers=layers)
         if drafter is not None:
             drafter.allocate(B, ctx + max_k + 2)
             F = len(layers) * model.cfg.hidden_size
@@ -88,21 +94,26 @@ def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ct
             L = torch.full((B,), ctx, dtype=torch.long, device=dev)
             ctx_obj = DraftContext(tokens=tokens, features=feats, target_len=L, draft_len=L - 1)
             u = torch.rand(B, 1, dtype=torch.float64, device=dev)
-            draft[B] = _median_time(lambda: drafter.propose(ctx_obj, 1, SamplingParams(1.0), u), reps)
+            fns[("draft", 0)] = lambda ctx_obj=ctx_obj, u=u: drafter.propose(ctx_obj, 1, SamplingParams(1.0), u)
         k = 4
         logits = torch.randn(B, k + 1, V, device=dev)
         dprobs = torch.softmax(torch.randn(B, k, V, device=dev), -1)
         dtoks = torch.randint(0, V, (B, k), device=dev)
         keys = torch.arange(B, device=dev)
 
-        def round_overhead():
+        def round_overhead(start=start, logits=logits, dprobs=dprobs, dtoks=dtoks, keys=keys):
             pos = start[:, None] + torch.arange(3 * k + 1, device=dev)
             u = rng.uniforms(keys, pos, 0)
             tp = transform(logits, SamplingParams(1.0), validate=False).probs
             v = verify_drafts(tp, dprobs, dtoks, u[:, :k], u[:, k : 2 * k + 1])
             v.n_emitted.tolist()
 
-        overhead[B] = _median_time(round_overhead, reps)
+        fns[("round", 0)] = round_overhead
+        t = _interleaved_times(fns, reps)
+        verify[B] = {q: t[("verify", q)] for q in range(1, max_k + 2)}
+        if drafter is not None:
+            draft[B] = t[("draft", 0)]
+        overhead[B] = t[("round", 0)]
     return _monotone(CostProfile(list(batch_sizes), verify, draft or {B: 0.0 for B in batch_sizes}, overhead,
                                  device=_device_name(dev), model=_fingerprint(model), dtype=str(model.dtype).replace("torch.", "")))
 

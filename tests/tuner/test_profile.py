@@ -1,0 +1,30 @@
+"""The cost profile's measurement: interleaved timing, and a profile the controller can use."""
+
+from __future__ import annotations
+
+from respec.bench.lossless import perturbed, tiny_lm
+from respec.drafter import DraftModelDrafter
+from respec.tuner import profile as P
+
+
+def test_timings_are_interleaved_round_robin_after_one_warm_up_round():
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    out = P._interleaved_times(fns, reps=3)
+    assert calls == list("abc") * 4  # warm-up round + 3 timed rounds, one call of each per round
+    assert set(out) == set("abc") and all(t >= 0 for t in out.values())
+
+
+def test_measured_profile_covers_the_grid_and_never_gets_cheaper_with_more_work():
+    target = tiny_lm(0)
+    drafter = DraftModelDrafter(perturbed(target, 0.08, 1))
+    prof = P.measure_profile(target, drafter, batch_sizes=(1, 2, 4), max_k=3, ctx=16, reps=2)
+    assert sorted(prof.verify) == [1, 2, 4] and all(sorted(v) == [1, 2, 3, 4] for v in prof.verify.values())
+    assert sorted(prof.draft) == [1, 2, 4] and sorted(prof.round_overhead) == [1, 2, 4]
+    for B in (1, 2, 4):
+        qs = [prof.verify[B][q] for q in (1, 2, 3, 4)]
+        assert all(t > 0 for t in qs) and qs == sorted(qs)
+    for q in (1, 2, 3, 4):
+        bs = [prof.verify[B][q] for B in (1, 2, 4)]
+        assert bs == sorted(bs)
+    assert prof.max_k == 3 and prof.draft[1] > 0

@@ -409,7 +409,7 @@ class TrainOptimConfig:
 @dataclass(frozen=True)
 class TrainEvalConfig:
     every: int = _help("evaluate every N steps (also before the first and after the last); 0 = only those two", 0)
-    heldout: int = _help("held-out prompts scored (built-in task: its fixed held-out set)", 500)
+    heldout: int = _help("held-out prompts scored (built-in task: its fixed held-out set)", 1000)
     dataset: str = _help("held-out prompt file when data.dataset is set; empty = no held-out evaluation", "")
     max_new_tokens: int = _help("response budget at evaluation; 0 = rollout.max_new_tokens", 0)
 
@@ -429,7 +429,7 @@ class TrainOutputConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = _help("actor checkpoint (HF format); empty = the built-in actor", "")
-    steps: int = _help("training steps (one rollout batch each)", 200)
+    steps: int = _help("training steps (one rollout batch each)", 400)
     seed: int = _help("run seed: prompts, sampling and minibatch order derive from (seed, step, purpose)", 0)
     device: str = _help("cpu | cuda", "cpu")
     data: TrainDataConfig = _section(TrainDataConfig, "prompts")

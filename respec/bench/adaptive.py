@@ -10,7 +10,9 @@ bootstrap intervals, and what the controller chose (the share of iterations at e
 
 Part 2, whole GRPO rollouts of the default workload (prompts_per_step x group rows of training
 prompts, real stops, temperature 1, max_new_tokens): wall-clock speedup over plain of every static
-k and of adaptive, and adaptive against each static k. In a rollout the active batch shrinks from
+k and of adaptive, and adaptive against each static k. Every repetition draws fresh samples of the same
+prompts (new sample indices), shared by all configurations, so the intervals include how long the
+sampled responses happen to be. In a rollout the active batch shrinks from
 prompts x group to 1 as responses finish, which is where one fixed k cannot be right throughout.
 A timeline plot shows the active batch and the chosen k through one adaptive rollout.
 
@@ -43,7 +45,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollout-prompts", type=int, default=8, help="prompts per rollout (the default workload's prompts_per_step)")
     p.add_argument("--rollout-group", type=int, default=4, help="samples per prompt (the default workload's group size)")
     p.add_argument("--rollout-max-new", type=int, default=300)
-    p.add_argument("--rollout-batches", type=int, default=2, help="different prompt sets per repetition (summed)")
+    p.add_argument("--rollout-batches", type=int, default=3, help="different prompt sets per repetition (summed)")
     p.add_argument("--skip-fixed", action="store_true", help="only part 2 (whole rollouts)")
     p.add_argument("--out", default="benchmarks/results/adaptive")
 
@@ -125,10 +127,19 @@ def fixed_batches(model, tok, drafter, task, batches, ks, adaptive_policy, args)
 
 def whole_rollouts(model, tok, drafter, task, ks, adaptive_policy, args) -> dict:
     """Whole rollouts of the default GRPO workload: G samples of each training prompt, real stops, T=1."""
-    n = args.rollout_prompts
-    sets = [[Request(p.id, tuple(tok.encode(p.prompt)), s, args.rollout_max_new)
-             for p in task.problems(1000 + i * n, n) for s in range(args.rollout_group)] for i in range(args.rollout_batches)]
-    rows = n * args.rollout_group
+    n, G = args.rollout_prompts, args.rollout_group
+    problems = [task.problems(1000 + i * n, n) for i in range(args.rollout_batches)]
+
+    def sets_for(call: int) -> list[list[Request]]:
+        """The rollouts of a configuration's call-th run: the same prompts, fresh sample indices per
+        call. Configurations draw different samples from the same distribution (speculation changes
+        which tokens come out, not their law), and a rollout's wall is set by its longest responses;
+        with the samples of repetition r shared by every configuration and new ones each repetition,
+        that luck enters every configuration alike and the intervals over repetitions include it."""
+        return [[Request(p.id, tuple(tok.encode(p.prompt)), call * G + s, args.rollout_max_new)
+                 for p in probs for s in range(G)] for probs in problems]
+
+    rows = n * G
     eos = [tok.eos_token_id]
     policy = adaptive_policy()
     engines = {"plain": Engine(model, eos_token_ids=eos, max_batch=rows)}
@@ -139,14 +150,18 @@ def whole_rollouts(model, tok, drafter, task, ks, adaptive_policy, args) -> dict
     timeline: list[tuple[int, int]] = []
 
     def runner(name, engine):
+        calls = [0]
+
         def go():
             wall = 0.0
+            sets = sets_for(calls[0])
+            calls[0] += 1
             for reqs in sets:
                 if name == "adaptive":
                     policy.decisions.clear()
                 res = engine.generate(reqs, SamplingParams(1.0))
                 wall += res.wall_s
-                if name == "plain" and len(lengths) < rows * len(sets):
+                if name == "plain":
                     lengths.extend(len(r.token_ids) for r in res.rollouts)
                 if name == "adaptive":
                     timeline[:] = list(policy.decisions)  # the last rollout of the last repetition

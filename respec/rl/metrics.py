@@ -72,6 +72,10 @@ def _clean(v: Any) -> Any:
     return v
 
 
+# per-item lists that are data, not curves: kept in metrics.jsonl, not sent to TensorBoard
+TB_SKIP = ("eval_passed_sampled",)
+
+
 class MetricsLogger:
     """Appends one record per step to <run_dir>/metrics.jsonl; mirrors scalars to TensorBoard."""
 
@@ -97,7 +101,7 @@ class MetricsLogger:
         if self._tb is not None:
             step = int(record["step"])
             for k, v in record.items():
-                if k == "step":
+                if k in ("step", *TB_SKIP):
                     continue
                 if isinstance(v, list):
                     for j, x in enumerate(v):

@@ -61,7 +61,8 @@ Metrics (one JSON record per line in metrics.jsonl; "kind" is "train" or "eval")
     (capture hook time, inside time_generate_s)
   eval record, `step` = training steps completed (0 = before training):
     eval_n, eval_pass_rate_t0, eval_pass_rate_sampled (at the rollout temperature / top-p / top-k),
-    eval_pass_rate_sampled_se, eval_reward_mean_sampled, eval_s
+    eval_pass_rate_sampled_se, eval_reward_mean_sampled, eval_s, eval_passed_sampled (0/1 per
+    held-out problem, in order: the paired comparison of the summary)
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ TRAIN_METRIC_KEYS: tuple[str, ...] = (
 )
 EVAL_METRIC_KEYS: tuple[str, ...] = (
     "kind", "step", "eval_n", "eval_pass_rate_t0", "eval_pass_rate_sampled", "eval_pass_rate_sampled_se",
+    "eval_passed_sampled",
     "eval_reward_mean_sampled", "eval_s",
 )
 
@@ -187,6 +189,7 @@ class EvalResult:
     pass_rate_sampled: float  # at the rollout sampling parameters
     reward_mean_sampled: float
     seconds: float
+    passed_sampled: tuple[int, ...] = ()  # per held-out problem, 1 = passed at the rollout sampling parameters
 
     @property
     def se_sampled(self) -> float:
@@ -197,7 +200,23 @@ class EvalResult:
     def record(self) -> dict[str, Any]:
         return {"kind": "eval", "step": self.step, "eval_n": self.n, "eval_pass_rate_t0": self.pass_rate_t0,
                 "eval_pass_rate_sampled": self.pass_rate_sampled, "eval_pass_rate_sampled_se": self.se_sampled,
-                "eval_reward_mean_sampled": self.reward_mean_sampled, "eval_s": self.seconds}
+                "eval_reward_mean_sampled": self.reward_mean_sampled, "eval_s": self.seconds,
+                "eval_passed_sampled": list(self.passed_sampled)}
+
+
+def paired_se(before: EvalResult, after: EvalResult) -> float | None:
+    """Standard error of after - before when both scored the same problems in the same order: the
+    standard deviation of the per-problem differences / sqrt(n). Problem difficulty is shared by the
+    two evaluations, so this is smaller than the unpaired sqrt(se_b^2 + se_a^2). None without
+    per-problem outcomes (records written before they were kept)."""
+    a, b = after.passed_sampled, before.passed_sampled
+    if not a or len(a) != len(b):
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
+    return math.sqrt(var / n)
 
 
 @dataclass(frozen=True)
@@ -211,9 +230,13 @@ class History:
     def from_records(cls, records: Sequence[dict[str, Any]]) -> "History":
         train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: r["step"])
         evals = [EvalResult(r["step"], r["eval_n"], r["eval_pass_rate_t0"], r["eval_pass_rate_sampled"],
-                            r["eval_reward_mean_sampled"], r["eval_s"])
+                            r["eval_reward_mean_sampled"], r["eval_s"], tuple(r.get("eval_passed_sampled") or ()))
                  for r in sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: r["step"])]
         return cls([r["reward_mean"] for r in train], evals)
+
+
+REWARD_GAIN = 0.10  # success bar of the embedded default (issue: reward +0.10, held-out +3 SE)
+HELDOUT_SE = 3.0
 
 
 @dataclass(frozen=True)
@@ -235,6 +258,24 @@ class TrainSummary:
                        f"  (greedy: {b.pass_rate_t0:.3f} -> {a.pass_rate_t0:.3f})")
         else:
             out.append("held-out pass rate: not evaluated (no held-out set)")
+        out.extend(self.success_lines())
+        return out
+
+    def success_lines(self) -> list[str]:
+        """The embedded default's success bar: training reward over the last 10% of steps at least
+        REWARD_GAIN above the first 10%, and the held-out pass rate at the training temperature up by
+        at least HELDOUT_SE standard errors (the larger binomial SE of the two evaluations). The
+        paired z (the gain over the SE of the per-problem differences) is printed beside it."""
+        gain = self.reward_last - self.reward_first
+        out = [f"success: reward gain {gain:+.3f} (bar +{REWARD_GAIN:.2f}): {'met' if gain >= REWARD_GAIN else 'NOT met'}"]
+        b, a = self.eval_before, self.eval_after
+        if b is not None and a is not None:
+            delta = a.pass_rate_sampled - b.pass_rate_sampled
+            se = max(a.se_sampled, b.se_sampled, 1e-12)
+            paired = paired_se(b, a)
+            z = f", paired z {delta / paired:.1f}" if paired else ""
+            out.append(f"success: held-out gain {delta:+.3f} = {delta / se:.1f} SE (bar {HELDOUT_SE:g} SE{z}): "
+                       f"{'met' if delta >= HELDOUT_SE * se else 'NOT met'}")
         return out
 
 
@@ -480,9 +521,10 @@ class GRPOTrainer:
         for name, sampling in (("t0", SamplingParams(temperature=0.0)), ("sampled", self.sampling)):
             gen = self._generate(requests, sampling, step)
             scores = self._score(records, gen.rollouts, 1, step)
-            out[name] = ((scores.total >= self.cfg.rl.pass_threshold).float().mean().item(), scores.total.mean().item())
+            passed = scores.total >= self.cfg.rl.pass_threshold
+            out[name] = (passed.float().mean().item(), scores.total.mean().item(), tuple(passed.int().tolist()))
         return EvalResult(step, len(records), out["t0"][0], out["sampled"][0], out["sampled"][1],
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, out["sampled"][2])
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, done: int) -> Path:

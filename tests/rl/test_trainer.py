@@ -178,3 +178,27 @@ def test_leaving_out_zero_advantage_rows_gives_the_same_update(make_trainer, agg
     assert len(grads[True]) == len(grads[False]) > 1
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item() + 1e-9)
+
+
+def test_summary_states_the_success_bar_with_a_paired_comparison():
+    from respec.rl.trainer import EvalResult, TrainSummary, paired_se
+
+    before = EvalResult(0, 4, 0.5, 0.5, 0.5, 1.0, (1, 0, 1, 0))
+    after = EvalResult(10, 4, 0.5, 0.75, 0.75, 1.0, (1, 1, 1, 0))
+    # differences (0, 1, 0, 0): sample variance 0.25, se sqrt(0.25 / 4)
+    assert paired_se(before, after) == pytest.approx(0.25)
+    assert paired_se(before, EvalResult(10, 4, 0.5, 0.75, 0.75, 1.0)) is None  # no per-problem outcomes
+
+    def lines(first, last, b, a):
+        return TrainSummary(10, first, last, b, a, 1.0).success_lines()
+
+    assert "met" in lines(0.30, 0.41, None, None)[0] and "NOT" not in lines(0.30, 0.41, None, None)[0]
+    assert "NOT met" in lines(0.30, 0.39, None, None)[0]
+    n = 1000
+    b = EvalResult(0, n, 0.5, 0.40, 0.40, 1.0, (1,) * 400 + (0,) * 600)
+    se = math.sqrt(0.45 * 0.55 / n)  # the larger of the two binomial SEs
+    good = EvalResult(9, n, 0.5, 0.45, 0.45, 1.0, (1,) * 450 + (0,) * 550)  # +0.05 = 3.2 SE
+    weak = EvalResult(9, n, 0.5, 0.44, 0.44, 1.0, (1,) * 440 + (0,) * 560)  # +0.04 = 2.6 SE (0.44's SE)
+    assert 0.05 >= 3 * se
+    assert lines(0.3, 0.3, b, good)[1].endswith(": met") and "paired z" in lines(0.3, 0.3, b, good)[1]
+    assert lines(0.3, 0.3, b, weak)[1].endswith("NOT met")

@@ -1,7 +1,11 @@
 """`respec bench adaptive`: the adaptive controller vs plain decoding vs every static draft length.
 
 Part 1, fixed active batch (stop tokens ignored, every row generates `new_tokens` of a problem whose
-solution is at least that long), temperature 1:
+solution is at least that long), temperature 1. `fill` x B requests queue behind an engine of
+max_batch B, so a finished row is replaced at once and B rows stay active until the queue runs out.
+Without the queue, speculation's rows finish at different rounds (each accepts its own number of
+drafts) and the slowest row sets the end: at 64 rows x 48 tokens and tau 2.8, about a third of the
+rounds ran with a draining batch, which measured the drain rather than the batch size.
 for each batch size, plain, every static k and adaptive run interleaved (protocol.py). The best
 static k is chosen on a separate selection repetition (so the comparison is not against the
 maximum of noisy medians, which is biased upwards), then every configuration is measured over
@@ -41,6 +45,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,2,4,8,16,32,64")
     p.add_argument("--ks", default="1,2,3,4,5,6")
     p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--fill", type=int, default=4, help="requests per batch slot (fixed-batch part): the batch stays full")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--rollout-prompts", type=int, default=8, help="prompts per rollout (the default workload's prompts_per_step)")
     p.add_argument("--rollout-group", type=int, default=4, help="samples per prompt (the default workload's group size)")
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     fixed = [] if args.skip_fixed else fixed_batches(model, tok, drafter, task, batches, ks, adaptive_policy, args)
     rollouts = whole_rollouts(model, tok, drafter, task, ks, adaptive_policy, args)
     payload = {"info": device_info(), "model": str(model_dir), "drafter": str(drafter_dir), "new_tokens": args.new_tokens,
+               "fill": args.fill,
                "temperature": 1.0, "fixed_batch": fixed, "whole_rollouts": rollouts, "profile": profile.to_dict()}
     md = render_table(payload)
     out = Path(args.out)
@@ -95,10 +101,10 @@ def fixed_batches(model, tok, drafter, task, batches, ks, adaptive_policy, args)
     from .rollout import long_problems
 
     sampling = SamplingParams(temperature=1.0)
-    problems = long_problems(task, tok, max(batches), args.new_tokens)  # real solution text throughout
+    problems = long_problems(task, tok, max(batches) * args.fill, args.new_tokens)  # real solution text throughout
     records = []
     for B in batches:
-        reqs = [Request(p.id, tuple(tok.encode(p.prompt)), 0, args.new_tokens) for p in problems[:B]]
+        reqs = [Request(p.id, tuple(tok.encode(p.prompt)), 0, args.new_tokens) for p in problems[: B * args.fill]]
         policy = adaptive_policy()
         engines = {"plain": Engine(model, eos_token_ids=[], max_batch=B)}
         for k in ks:
@@ -117,7 +123,7 @@ def fixed_batches(model, tok, drafter, task, batches, ks, adaptive_policy, args)
                "static_over_plain": {f"k{k}": ratio_ci(res[f"k{k}"], res["plain"]).as_dict() for k in ks},
                "adaptive_choice_shares": shares, "adaptive_always_off": shares == {"0": 1.0},
                "adaptive_alpha": [round(policy.acceptance.alpha(j), 4) for j in range(policy.acceptance.max_k)],
-               "reps": args.reps}
+               "reps": args.reps, "requests": len(reqs)}
         records.append(rec)
         print(f"B={B:2d}: plain {rec['tokens_per_s']['plain']:7.0f} tok/s  best static {best} "
               f"{rec['static_over_plain'][best]['median']:.2f}x  adaptive/plain {a_plain.fmt()}  "
@@ -191,7 +197,8 @@ def render_table(payload: dict) -> str:
              "Ratios are medians of interleaved repetitions with bootstrap 95% intervals. The best static k is chosen on a "
              "separate selection repetition. `chose` = share of decode iterations at each k (0 = plain).\n"]
     if payload["fixed_batch"]:
-        lines += [f"\n## Fixed active batch ({payload['new_tokens']} new tokens per row, stops ignored)\n",
+        lines += [f"\n## Fixed active batch ({payload['new_tokens']} new tokens per row, stops ignored, "
+                  f"{payload.get('fill', 1)} x B requests queued so B rows stay active)\n",
                   "| batch | plain tok/s | best static k (vs plain) | adaptive / plain | adaptive / best static | adaptive chose |",
                   "|---|---|---|---|---|---|"]
         for r in payload["fixed_batch"]:

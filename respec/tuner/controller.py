@@ -5,7 +5,11 @@ device / model / dtype, see profile.py) and acceptance counts reported by the en
 inputs always give the same decisions (the reproducible mode: live timings are never read).
 
     throughput(B, 0) = B / C_verify(B, 1)
-    throughput(B, k) = B * tau(k) / (k * C_draft(B) + C_verify(B, k + 1) + C_round(B))
+    throughput(B, k) = B * tau(k) / (C_draft(B, k) + C_verify(B, k + 1) + C_round(B))
+
+C_draft(B, k) is the drafter's whole proposal of k tokens (its catch-up over the tokens the last
+round committed, then k sampling steps) as profiled; profiles without per-k figures use k times
+one step.
     tau(k)           = 1 + sum_{j<k} prod_{i<=j} alpha_i          (expected tokens per row per round)
 
 alpha_j is the acceptance rate of draft position j given every earlier draft was accepted, an
@@ -27,12 +31,14 @@ from dataclasses import dataclass, field
 @dataclass
 class CostProfile:
     """Measured latencies in seconds: verify[B][q] (q query tokens per row), draft[B] (one drafter
-    step for B rows), round_overhead[B] (sampling/bookkeeping per speculative round)."""
+    step for B rows), draft_k[B][k] (a whole k-token proposal; optional), round_overhead[B]
+    (sampling/bookkeeping per speculative round)."""
 
     batch_sizes: list[int]
     verify: dict[int, dict[int, float]]
     draft: dict[int, float]
     round_overhead: dict[int, float] = field(default_factory=dict)
+    draft_k: dict[int, dict[int, float]] = field(default_factory=dict)
     device: str = ""
     model: str = ""
     dtype: str = ""
@@ -52,8 +58,15 @@ class CostProfile:
     def verify_cost(self, B: int, q: int) -> float:
         return self._interp({b: v[q] for b, v in self.verify.items() if q in v}, B)
 
-    def draft_cost(self, B: int) -> float:
-        return self._interp(self.draft, B)
+    def draft_cost(self, B: int, k: int = 1) -> float:
+        """Seconds for a k-token proposal at B rows (profiled per k, else k one-step proposals)."""
+        if self.draft_k and all(k in v for v in self.draft_k.values()):
+            return self._interp({b: v[k] for b, v in self.draft_k.items()}, B)
+        return k * self._interp(self.draft, B)
+
+    def spec_round_cost(self, B: int, k: int) -> float:
+        """One speculative round: a k-token proposal, verifying k + 1 tokens per row, bookkeeping."""
+        return self.draft_cost(B, k) + self.verify_cost(B, k + 1) + self.round_cost(B)
 
     def round_cost(self, B: int) -> float:
         return self._interp(self.round_overhead, B) if self.round_overhead else 0.0
@@ -66,6 +79,7 @@ class CostProfile:
         return {"batch_sizes": self.batch_sizes, "verify": {str(b): {str(q): t for q, t in v.items()} for b, v in self.verify.items()},
                 "draft": {str(b): t for b, t in self.draft.items()},
                 "round_overhead": {str(b): t for b, t in self.round_overhead.items()},
+                "draft_k": {str(b): {str(k): t for k, t in v.items()} for b, v in self.draft_k.items()},
                 "device": self.device, "model": self.model, "dtype": self.dtype}
 
     @classmethod
@@ -74,6 +88,7 @@ class CostProfile:
                    verify={int(b): {int(q): float(t) for q, t in v.items()} for b, v in d["verify"].items()},
                    draft={int(b): float(t) for b, t in d["draft"].items()},
                    round_overhead={int(b): float(t) for b, t in d.get("round_overhead", {}).items()},
+                   draft_k={int(b): {int(k): float(t) for k, t in v.items()} for b, v in d.get("draft_k", {}).items()},
                    device=d.get("device", ""), model=d.get("model", ""), dtype=d.get("dtype", ""))
 
 
@@ -153,8 +168,7 @@ class AdaptiveK:
     def predicted_throughput(self, B: int, k: int) -> float:
         if k == 0:
             return B / self.profile.verify_cost(B, 1)
-        cost = k * self.profile.draft_cost(B) + self.profile.verify_cost(B, k + 1) + self.profile.round_cost(B)
-        return B * self.acceptance.tau(k) / cost
+        return B * self.acceptance.tau(k) / self.profile.spec_round_cost(B, k)
 
     def best(self, B: int) -> int:
         ks = range(0, min(self.max_k, self.profile.max_k, self.acceptance.max_k) + 1)
@@ -181,8 +195,7 @@ class AdaptiveK:
             return False
         plain = self.predicted_throughput(B, 0)
         k = min(self.probe_k, self.max_k, self.profile.max_k, self.acceptance.max_k)
-        cost = k * self.profile.draft_cost(B) + self.profile.verify_cost(B, k + 1) + self.profile.round_cost(B)
-        return B * (k + 1) / cost > plain * (1 + self.switch_margin)  # could pay if every draft were accepted
+        return B * (k + 1) / self.profile.spec_round_cost(B, k) > plain * (1 + self.switch_margin)  # could pay if every draft were accepted
 
     def observe(self, stats) -> None:
         if stats.k > 0:

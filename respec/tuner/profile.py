@@ -2,10 +2,13 @@
 
     verify[B][q]  one target forward, B rows x q query tokens, with feature capture
     draft[B]      one drafter step for B rows (drafter forward + sampling), via its own propose()
+    draft_k[B][k] a whole k-token proposal (catch-up over CATCH_UP committed tokens, then k steps):
+                  what a round pays; k one-step figures overstate it (the catch-up is paid once)
     round[B]      per-round sampling and accept/reject bookkeeping outside the two forwards
 
 Profiles are cached as JSON under the respec cache directory (key: device name, model parameter
-fingerprint shape, dtype); `force=True` re-profiles. Checkpoints store the profile a run used, so a
+fingerprint shape, dtype); `force=True` re-profiles. Every configuration of a batch size is timed
+round-robin (interleaved), so a burst of load hits them alike. Checkpoints store the profile a run used, so a
 resumed run decides exactly as before.
 """
 
@@ -26,7 +29,8 @@ from ..rollout.speculative import verify_drafts
 from .controller import CostProfile
 
 DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 64)
-PROFILE_VERSION = 3  # bump when the measurement changes, so stale cached profiles are not reused
+CATCH_UP = 2  # committed tokens a profiled proposal catches up over (a round commits ~tau of them)
+PROFILE_VERSION = 4  # bump when the measurement changes, so stale cached profiles are not reused
 
 
 def _interleaved_times(fns: dict, reps: int) -> dict:
@@ -69,6 +73,17 @@ def _monotone(profile: CostProfile) -> CostProfile:
     for B in sorted(profile.draft):
         run = max(run, profile.draft[B])
         profile.draft[B] = run
+    for B in sorted(profile.draft_k):  # more drafts cost more ...
+        run = 0.0
+        for k in sorted(profile.draft_k[B]):
+            run = max(run, profile.draft_k[B][k])
+            profile.draft_k[B][k] = run
+    if profile.draft_k:  # ... and so do more rows
+        for k in sorted(profile.draft_k[min(profile.draft_k)]):
+            run = 0.0
+            for B in sorted(profile.draft_k):
+                run = max(run, profile.draft_k[B][k])
+                profile.draft_k[B][k] = run
     return profile
 
 
@@ -78,6 +93,7 @@ def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ct
     verify: dict[int, dict[int, float]] = {}
     draft: dict[int, float] = {}
     overhead: dict[int, float] = {}
+    draft_k: dict[int, dict[int, float]] = {}
     layers = getattr(drafter, "feature_layers", ())
     for B in batch_sizes:
         cache = model.new_cache(B, ctx + max_k + 2)
@@ -93,8 +109,12 @@ def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ct
             feats = torch.randn(B, ctx + max_k + 2, F, dtype=model.dtype, device=dev) if layers else None
             L = torch.full((B,), ctx, dtype=torch.long, device=dev)
             ctx_obj = DraftContext(tokens=tokens, features=feats, target_len=L, draft_len=L - 1)
-            u = torch.rand(B, 1, dtype=torch.float64, device=dev)
-            fns[("draft", 0)] = lambda ctx_obj=ctx_obj, u=u: drafter.propose(ctx_obj, 1, SamplingParams(1.0), u)
+            u = torch.rand(B, max_k, dtype=torch.float64, device=dev)
+            fns[("draft", 0)] = lambda ctx_obj=ctx_obj, u=u: drafter.propose(ctx_obj, 1, SamplingParams(1.0), u[:, :1])
+            # whole k-token proposals, catching up over CATCH_UP committed tokens first as in a round
+            ctx_k = DraftContext(tokens=tokens, features=feats, target_len=L, draft_len=L - CATCH_UP)
+            for kk in range(1, max_k + 1):
+                fns[("draft", kk)] = lambda kk=kk, ctx_k=ctx_k, u=u: drafter.propose(ctx_k, kk, SamplingParams(1.0), u[:, :kk])
         k = 4
         logits = torch.randn(B, k + 1, V, device=dev)
         dprobs = torch.softmax(torch.randn(B, k, V, device=dev), -1)
@@ -113,8 +133,9 @@ def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ct
         verify[B] = {q: t[("verify", q)] for q in range(1, max_k + 2)}
         if drafter is not None:
             draft[B] = t[("draft", 0)]
+            draft_k[B] = {kk: t[("draft", kk)] for kk in range(1, max_k + 1)}
         overhead[B] = t[("round", 0)]
-    return _monotone(CostProfile(list(batch_sizes), verify, draft or {B: 0.0 for B in batch_sizes}, overhead,
+    return _monotone(CostProfile(list(batch_sizes), verify, draft or {B: 0.0 for B in batch_sizes}, overhead, draft_k,
                                  device=_device_name(dev), model=_fingerprint(model), dtype=str(model.dtype).replace("torch.", "")))
 
 

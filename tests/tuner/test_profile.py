@@ -28,3 +28,18 @@ def test_measured_profile_covers_the_grid_and_never_gets_cheaper_with_more_work(
         bs = [prof.verify[B][q] for B in (1, 2, 4)]
         assert bs == sorted(bs)
     assert prof.max_k == 3 and prof.draft[1] > 0
+
+
+def test_whole_proposals_are_profiled_per_k_and_drive_the_round_cost():
+    target = tiny_lm(0)
+    drafter = DraftModelDrafter(perturbed(target, 0.08, 1))
+    prof = P.measure_profile(target, drafter, batch_sizes=(1, 2), max_k=3, ctx=16, reps=2)
+    for B in (1, 2):
+        ks = [prof.draft_k[B][k] for k in (1, 2, 3)]
+        assert all(t > 0 for t in ks) and ks == sorted(ks)
+        assert prof.draft_cost(B, 3) == prof.draft_k[B][3]
+        assert prof.spec_round_cost(B, 2) == prof.draft_k[B][2] + prof.verify[B][3] + prof.round_overhead[B]
+    again = P.CostProfile.from_dict(prof.to_dict())  # what checkpoints and the cache store
+    assert again.draft_k == prof.draft_k
+    legacy = P.CostProfile.from_dict({k: v for k, v in prof.to_dict().items() if k != "draft_k"})
+    assert legacy.draft_cost(2, 3) == 3 * prof.draft[2]  # older profiles: k one-step proposals

@@ -1,11 +1,15 @@
 """`respec bench adaptive`: the adaptive controller vs plain decoding vs every static draft length.
 
 Part 1, fixed active batch (stop tokens ignored, every row generates `new_tokens` of a problem whose
-solution is at least that long), temperature 1. `fill` x B requests queue behind an engine of
-max_batch B, so a finished row is replaced at once and B rows stay active until the queue runs out.
-Without the queue, speculation's rows finish at different rounds (each accepts its own number of
-drafts) and the slowest row sets the end: at 64 rows x 48 tokens and tau 2.8, about a third of the
-rounds ran with a draining batch, which measured the drain rather than the batch size.
+solution is at least that long), temperature 1. The figure is steady-state throughput at B active
+rows: tokens committed in the decode iterations that ran with all B rows, over those iterations'
+own wall time (RoundStats.round_s: draft, verify, commit). With speculation, rows finish at
+different rounds (each accepts its own number of drafts) and the batch drains: at 64 rows x 48
+tokens and tau 2.8 about a third of the rounds ran with fewer rows, so whole-call tokens/s
+measured the drain rather than the batch size. (Keeping the batch full by queueing more requests
+instead measures admission: each new row's drafter catches up over its whole prompt, padding
+every row of that round's drafter forward to the prompt's length.) The drain and the shrinking
+batch are what part 2 measures.
 for each batch size, plain, every static k and adaptive run interleaved (protocol.py). The best
 static k is chosen on a separate selection repetition (so the comparison is not against the
 maximum of noisy medians, which is biased upwards), then every configuration is measured over
@@ -36,7 +40,7 @@ from ..models import load_pretrained
 from ..rollout.engine import Engine, Request, StaticK
 from ..rollout.sampling import SamplingParams
 from ..tuner.controller import AdaptiveK
-from .protocol import device_info, interleaved, ratio_ci, timed, write_results
+from .protocol import device_info, interleaved, ratio_ci, write_results
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +49,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,2,4,8,16,32,64")
     p.add_argument("--ks", default="1,2,3,4,5,6")
     p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--fill", type=int, default=4, help="requests per batch slot (fixed-batch part): the batch stays full")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--rollout-prompts", type=int, default=8, help="prompts per rollout (the default workload's prompts_per_step)")
     p.add_argument("--rollout-group", type=int, default=4, help="samples per prompt (the default workload's group size)")
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     fixed = [] if args.skip_fixed else fixed_batches(model, tok, drafter, task, batches, ks, adaptive_policy, args)
     rollouts = whole_rollouts(model, tok, drafter, task, ks, adaptive_policy, args)
     payload = {"info": device_info(), "model": str(model_dir), "drafter": str(drafter_dir), "new_tokens": args.new_tokens,
-               "fill": args.fill,
+               "measure": "steady state: tokens / wall over the decode iterations with all B rows active",
                "temperature": 1.0, "fixed_batch": fixed, "whole_rollouts": rollouts, "profile": profile.to_dict()}
     md = render_table(payload)
     out = Path(args.out)
@@ -97,20 +100,26 @@ def _choice_shares(decisions: list[tuple[int, int]]) -> dict[str, float]:
     return {str(k): round(v / n, 4) for k, v in sorted(c.items())}
 
 
+def steady_tokens_per_s(res, B: int) -> float:
+    """Tokens committed per second of wall time over the decode iterations that ran with B rows."""
+    full = [r for r in res.rounds if r.active == B]
+    return sum(r.emitted for r in full) / sum(r.round_s for r in full)
+
+
 def fixed_batches(model, tok, drafter, task, batches, ks, adaptive_policy, args) -> list[dict]:
     from .rollout import long_problems
 
     sampling = SamplingParams(temperature=1.0)
-    problems = long_problems(task, tok, max(batches) * args.fill, args.new_tokens)  # real solution text throughout
+    problems = long_problems(task, tok, max(batches), args.new_tokens)  # real solution text throughout
     records = []
     for B in batches:
-        reqs = [Request(p.id, tuple(tok.encode(p.prompt)), 0, args.new_tokens) for p in problems[: B * args.fill]]
+        reqs = [Request(p.id, tuple(tok.encode(p.prompt)), 0, args.new_tokens) for p in problems[:B]]
         policy = adaptive_policy()
         engines = {"plain": Engine(model, eos_token_ids=[], max_batch=B)}
         for k in ks:
             engines[f"k{k}"] = Engine(model, eos_token_ids=[], drafter=drafter, policy=StaticK(k), max_batch=B)
         engines["adaptive"] = Engine(model, eos_token_ids=[], drafter=drafter, policy=policy, max_batch=B)
-        runs = {name: (lambda e=e: timed(lambda: e.generate(reqs, sampling).tokens)) for name, e in engines.items()}
+        runs = {name: (lambda e=e: steady_tokens_per_s(e.generate(reqs, sampling), B)) for name, e in engines.items()}
         select = interleaved(runs, reps=1)  # warm-up + the separate selection repetition
         best = max((f"k{k}" for k in ks), key=lambda n: select[n][0])
         policy.decisions.clear()
@@ -123,7 +132,7 @@ def fixed_batches(model, tok, drafter, task, batches, ks, adaptive_policy, args)
                "static_over_plain": {f"k{k}": ratio_ci(res[f"k{k}"], res["plain"]).as_dict() for k in ks},
                "adaptive_choice_shares": shares, "adaptive_always_off": shares == {"0": 1.0},
                "adaptive_alpha": [round(policy.acceptance.alpha(j), 4) for j in range(policy.acceptance.max_k)],
-               "reps": args.reps, "requests": len(reqs)}
+               "reps": args.reps}
         records.append(rec)
         print(f"B={B:2d}: plain {rec['tokens_per_s']['plain']:7.0f} tok/s  best static {best} "
               f"{rec['static_over_plain'][best]['median']:.2f}x  adaptive/plain {a_plain.fmt()}  "
@@ -197,8 +206,8 @@ def render_table(payload: dict) -> str:
              "Ratios are medians of interleaved repetitions with bootstrap 95% intervals. The best static k is chosen on a "
              "separate selection repetition. `chose` = share of decode iterations at each k (0 = plain).\n"]
     if payload["fixed_batch"]:
-        lines += [f"\n## Fixed active batch ({payload['new_tokens']} new tokens per row, stops ignored, "
-                  f"{payload.get('fill', 1)} x B requests queued so B rows stay active)\n",
+        lines += [f"\n## Fixed active batch ({payload['new_tokens']} new tokens per row, stops ignored; tokens/s over "
+                  f"the decode iterations with all B rows active)\n",
                   "| batch | plain tok/s | best static k (vs plain) | adaptive / plain | adaptive / best static | adaptive chose |",
                   "|---|---|---|---|---|---|"]
         for r in payload["fixed_batch"]:

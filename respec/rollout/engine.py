@@ -99,6 +99,7 @@ class RoundStats:
     fallback_rows: int  # rows whose drafter gave non-finite logits (ran plain this round)
     draft_s: float
     verify_s: float
+    round_s: float = 0.0  # the whole iteration after admission: draft, verify, commit, bookkeeping
 
 
 @dataclass
@@ -301,6 +302,7 @@ class _BatchState:
         if B == 0:
             return False
         e, dev = self.e, self.dev
+        t_round = time.perf_counter()
         L = self.target_len[:B]
         k = e.policy.choose(B) if e.drafter is not None else 0
         # per-row draft length: leave room for the resampled/bonus token within the token budget
@@ -346,6 +348,7 @@ class _BatchState:
         t_done = time.perf_counter()
         self._commit(B, L, k, k_row, verdict, target_probs, tr.nucleus_size, out.hidden, fallback,
                      t_verify - t_draft, t_done - t_verify)
+        self.rounds[-1].round_s = time.perf_counter() - t_round
         return True
 
     def _commit(self, B, L, k, k_row, verdict, target_probs, nucleus, hidden, fallback, draft_s, verify_s) -> None:

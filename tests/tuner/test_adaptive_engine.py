@@ -54,3 +54,13 @@ def test_checkpointed_controller_restores_its_profile_and_decides_the_same():
     load_policy_state(b, state)
     assert b.profile.to_dict() == a.profile.to_dict()
     assert [b.choose(B) for B in (8, 4, 2, 1, 1)] == [a.choose(B) for B in (8, 4, 2, 1, 1)]
+
+
+def test_every_round_reports_its_wall_time_covering_draft_and_verify():
+    from respec.bench.adaptive import steady_tokens_per_s
+
+    res = run(AdaptiveK(profile(0.0), acceptance=AcceptanceModel(prior=0.9)), rows=8)
+    assert res.rounds and all(r.round_s >= r.draft_s + r.verify_s > 0 for r in res.rounds)
+    assert sum(r.round_s for r in res.rounds) <= res.wall_s
+    full = [r for r in res.rounds if r.active == 8]
+    assert steady_tokens_per_s(res, 8) == sum(r.emitted for r in full) / sum(r.round_s for r in full)

@@ -312,7 +312,7 @@ class OnlineDistillOptions:
     buffer_mib: int = _help("replay buffer byte budget (MiB); oldest sequences dropped first", 256)
     max_age: int = _help("updates sample only sequences from the newest max_age steps", 4)
     top_k: int = _help("target log-probs kept per token (plus one 'other' bucket for the rest)", 16)
-    tokens_per_update: int = _help("learner budget: committed tokens per update batch", 1024)
+    tokens_per_update: int = _help("learner budget: committed tokens per update batch", 256)
     steps_per_update: int = _help("optimizer steps per update (over the same batch)", 1)
     lr: float = _help("AdamW learning rate of the head", 1e-3)
     weight_decay: float = _help("AdamW weight decay", 0.0)

@@ -185,7 +185,7 @@ def whole_rollouts(model, tok, drafter, task, ks, adaptive_policy, args) -> dict
 
     walls = interleaved({name: runner(name, e) for name, e in engines.items()}, reps=args.reps)
     lens = sorted(lengths)
-    out = {"rows": rows, "prompts": n, "group": args.rollout_group, "rollouts_per_rep": len(sets),
+    out = {"rows": rows, "prompts": n, "group": args.rollout_group, "rollouts_per_rep": len(problems),
            "max_new_tokens": args.rollout_max_new, "reps": args.reps,
            "response_len": {"mean": statistics.mean(lens), "p10": lens[len(lens) // 10], "p90": lens[9 * len(lens) // 10]},
            "wall_s": {name: statistics.median(v) for name, v in walls.items()}}

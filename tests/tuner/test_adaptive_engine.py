@@ -45,7 +45,7 @@ def test_controller_speculates_where_verify_is_cheap():
 
 
 def test_checkpointed_controller_restores_its_profile_and_decides_the_same():
-    a = AdaptiveK(profile(0.0002))
+    a = AdaptiveK(profile(0.00005))
     for B in (64, 32, 8, 2, 1):
         a.choose(B)
     state = json.loads(json.dumps(policy_state(a)))  # what a checkpoint's JSON holds

@@ -64,7 +64,8 @@ def count_switches(controller: AdaptiveK, B: int = 8, n: int = 200) -> int:
 
 
 def test_no_oscillation_under_noisy_acceptance():
-    undamped = AdaptiveK(cpu_like_profile(), acceptance=AcceptanceModel(decay=0.3), min_dwell=0, switch_margin=0.0)
+    undamped = AdaptiveK(cpu_like_profile(), acceptance=AcceptanceModel(decay=0.3), min_dwell=0, switch_margin=0.0,
+                         shallow_margin=0.0)
     damped = AdaptiveK(cpu_like_profile(), acceptance=AcceptanceModel(decay=0.3), min_dwell=4, switch_margin=0.05)
     assert count_switches(undamped) > 100  # the stream really does flip the best choice
     assert count_switches(damped) <= 3
@@ -143,3 +144,22 @@ def test_profile_noise_cannot_make_more_work_cheaper():
     for q in (1, 2, 3):
         assert [p.verify[B][q] for B in (1, 2, 4)] == sorted(p.verify[B][q] for B in (1, 2, 4))
     assert p.verify[2][2] == 5.8 and p.draft[2] == 1.2
+
+
+def test_near_ties_go_to_the_shallower_draft():
+    """Flat verify costs (batch 1-2 on this CPU) make k = 3, 4, 5 predict within a few percent of each
+    other; the controller takes the shallowest of the near-equals, and a clearly better deep draft
+    still wins."""
+    verify = {B: {q: 0.005 + (0.0 if q == 1 else 0.001) for q in range(1, 10)} for B in GRID}
+    draft_k = {B: {k: 0.0006 * k for k in range(1, 9)} for B in GRID}
+    prof = CostProfile(GRID, verify, {B: 0.0006 for B in GRID}, draft_k=draft_k)
+    acc = AcceptanceModel(max_k=8)
+    acc.accepted, acc.reached = [0.75 * 1000] * 3 + [0.6 * 8] * 5, [1000] * 3 + [8] * 5  # deep positions: prior only
+    c = AdaptiveK(prof, acceptance=acc)
+    thr = [c.predicted_throughput(2, k) for k in range(9)]
+    top = max(range(9), key=lambda k: thr[k])
+    assert top > 3 and thr[top] < 1.05 * thr[3]  # the raw argmax is deeper, by less than the margin
+    assert c.best(2) == min(k for k in range(9) if thr[k] * 1.05 >= thr[top])
+    assert c.best(2) <= 3
+    greedy = AdaptiveK(prof, acceptance=acc, shallow_margin=0.0)
+    assert greedy.best(2) == top

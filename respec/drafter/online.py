@@ -36,11 +36,12 @@ so up-weighting them anticipates the next policy. `1 + z` is that look-ahead in 
 do not depend on the reward's scale; the floor keeps every failed sample at half weight or more,
 and the cap bounds the correction (at most 4:1 between any two sequences).
 
-Default budget: one optimizer step over 1,024 tokens per step. Measured for the built-in actor's
-head (hidden 256, depth 3, 64-token sequences, one thread, this 2-core machine): 0.26 s per
-1,024-token step (0.14 s for 512, 0.51 s for 2,048), i.e. ~9% of the median 2.9 s SD-off GRPO
-step; a step of 32 rollouts commits ~2,000 tokens, a quarter of which are kept, and updates
-sample the newest 4 steps (~2,000 tokens).
+Default budget: one optimizer step over 256 tokens per step, so the learner's compute stays under
+10% of a step. Measured by `respec bench overlap` (built-in actor and head, static k=3, this 2-core
+machine, quiet): 0.067 s per update run inline on the trainer's 2 threads, 4.6% of the 1.46 s
+frozen step (0.146 s in the 1-thread learner process beside the trainer); at the former default of
+1,024 tokens 0.42 s (28%), over budget once the GRPO step itself fell to ~1.5 s. A step of 32
+rollouts commits ~1,800 tokens, a quarter of which are kept, and updates sample the newest 4 steps.
 
 Versions: the head's `version` is the step whose update it holds (-1: the initial head); the
 actor it was trained against is that step's actor (its rollouts and shared weights). Lag at step

@@ -163,3 +163,34 @@ def test_near_ties_go_to_the_shallower_draft():
     assert c.best(2) <= 3
     greedy = AdaptiveK(prof, acceptance=acc, shallow_margin=0.0)
     assert greedy.best(2) == top
+
+
+def test_exploration_corrects_an_estimate_learned_only_in_the_tail():
+    """Acceptance learned at small batches (long, hard responses: alpha 0.62) says k=3 cannot pay at
+    32 rows; the full batch's drafts are accepted at 0.85, where k=3 gains ~25%. Periodic probes at
+    32 rows measure that and switch speculation on; without exploration the controller stays off."""
+    flat = {B: {q: 0.01 * (1 + 0.35 * (q - 1)) for q in range(1, 10)} for B in GRID}
+    prof = CostProfile(GRID, flat, {B: 0.0005 for B in GRID}, round_overhead={B: 0.004 for B in GRID})
+
+    def tail_biased(**kw) -> AdaptiveK:
+        acc = AcceptanceModel()
+        acc.accepted, acc.reached, acc.observed = [0.62 * 500] * 8, [500.0] * 8, 500
+        return AdaptiveK(prof, acceptance=acc, **kw)
+
+    def run_full_batch(c: AdaptiveK, n: int, alpha: float = 0.85, B: int = 32) -> list[int]:
+        ks = []
+        for _ in range(n):
+            k = c.choose(B)
+            ks.append(k)
+            if k:
+                c.observe(SimpleNamespace(k=k, accepted_at=[round(B * alpha ** (j + 1)) for j in range(k)],
+                                          drafted_at=[B] * k))
+        return ks
+
+    assert tail_biased().best(32) == 0
+    explored = tail_biased()
+    ks = run_full_batch(explored, 600)
+    assert explored.current >= 2 and set(ks[-100:]) == {explored.current}
+    assert sum(1 for k in ks[:64] if k) <= 2  # probes are rare: every explore_every-th iteration
+    never = tail_biased(explore_every=0)
+    assert set(run_full_batch(never, 600)) == {0}

@@ -168,14 +168,14 @@ def test_near_ties_go_to_the_shallower_draft():
 def test_exploration_corrects_an_estimate_learned_only_in_the_tail():
     """Acceptance learned at small batches (long, hard responses: alpha 0.62) says k=3 cannot pay at
     32 rows; the full batch's drafts are accepted at 0.85, where k=3 gains ~25%. Periodic probes at
-    32 rows measure that and switch speculation on; without exploration the controller stays off."""
+    32 rows measure that and switch speculation on; without exploration (the default) it stays off."""
     flat = {B: {q: 0.01 * (1 + 0.35 * (q - 1)) for q in range(1, 10)} for B in GRID}
     prof = CostProfile(GRID, flat, {B: 0.0005 for B in GRID}, round_overhead={B: 0.004 for B in GRID})
 
     def tail_biased(**kw) -> AdaptiveK:
         acc = AcceptanceModel()
         acc.accepted, acc.reached, acc.observed = [0.62 * 500] * 8, [500.0] * 8, 500
-        return AdaptiveK(prof, acceptance=acc, **kw)
+        return AdaptiveK(prof, acceptance=acc, **{"explore_every": 32, **kw})
 
     def run_full_batch(c: AdaptiveK, n: int, alpha: float = 0.85, B: int = 32) -> list[int]:
         ks = []

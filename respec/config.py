@@ -314,7 +314,7 @@ class OnlineDistillOptions:
     top_k: int = _help("target log-probs kept per token (plus one 'other' bucket for the rest)", 16)
     tokens_per_update: int = _help("learner budget: committed tokens per update batch", 256)
     steps_per_update: int = _help("optimizer steps per update (over the same batch)", 1)
-    lr: float = _help("AdamW learning rate of the head", 1e-3)
+    lr: float = _help("AdamW learning rate of the head (1e-3 knocked the offline-trained head off its optimum: drafter/online.py)", 1e-4)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_grad_norm: float = _help("gradient clipping (0 = off)", 1.0)
     depth: int = _help("training-time-test unroll steps", 3)

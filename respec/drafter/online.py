@@ -43,6 +43,15 @@ frozen step (0.146 s in the 1-thread learner process beside the trainer); at the
 1,024 tokens 0.42 s (28%), over budget once the GRPO step itself fell to ~1.5 s. A step of 32
 rollouts commits ~1,800 tokens, a quarter of which are kept, and updates sample the newest 4 steps.
 
+Learning rate: 1e-4. `respec bench stale` (150 GRPO steps of the default workload, k=3, no shift)
+measured the frozen offline head losing 0.5% of its expected acceptance (tau_rounds 2.94 -> 2.92:
+at lr 1e-4 the actor barely moves), while every online variant at lr 1e-3 fell to ~2.73 within 10
+updates and stayed near 2.7; at 1e-4 they fell more slowly (2.84 after 30 updates, with every
+weighting, with all rollouts kept instead of a quarter, and with the full vocabulary instead of
+top-16). A head distilled offline to convergence (final lr 3e-4 on ~15k-token pools) is knocked
+off its optimum by small noisy updates; online distillation pays only once the actor has moved
+away from it (the study's `--shift-at` option), which is not yet measured.
+
 Versions: the head's `version` is the step whose update it holds (-1: the initial head); the
 actor it was trained against is that step's actor (its rollouts and shared weights). Lag at step
 N = N - version (1 in async/sync with interval 1).

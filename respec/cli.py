@@ -1,4 +1,4 @@
-"""The one entry point: `respec {generate,pretrain,train,distill,bench,plot,compare} ...`.
+"""The one entry point: `respec {generate,pretrain,train,distill,bench,profile,plot,compare} ...`.
 
 Every subcommand's flags are generated from its config dataclass (config.py), so defaults live in
 one place; `--config FILE.toml` supplies values, flags override them, and the resolved config is
@@ -61,10 +61,24 @@ def _run_bench(cfg, args: argparse.Namespace) -> int:
     return importlib.import_module(_BENCHES[args.bench][1]).run(args)
 
 
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    from .generate import add_profile_args
+
+    add_profile_args(p)
+
+
+def _run_profile(cfg, args: argparse.Namespace) -> int:
+    from .generate import run_profile_cli
+
+    return run_profile_cli(cfg, args)
+
+
 def _commands() -> list[_Command]:
     cmds = [
         _Command("generate", "plain or speculative decoding of a JSONL prompt file", C.GenerateConfig, _run_generate),
         _Command("bench", "benchmarks (results under benchmarks/results/)", None, _run_bench, _bench_args),
+        _Command("profile", "re-measure the adaptive tuner's cost profile now (it is cached per device, model, dtype)",
+                 None, _run_profile, _profile_args),
     ]
     try:
         from .tasks.pretrain import PretrainConfig, run_pretrain_cli

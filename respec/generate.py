@@ -46,13 +46,58 @@ def make_policy(spec: int | str, model: Transformer, drafter, max_k: int = 8):
         return StaticK(int(spec))
     if drafter is None:
         return StaticK(0)
-    from .tasks.pretrain import cache_root
     from .tuner import AcceptanceModel, AdaptiveK
+
+    return AdaptiveK(cost_profile(model, drafter, max_k), acceptance=AcceptanceModel(max_k=max_k), max_k=max_k)
+
+
+def cost_profile(model: Transformer, drafter, max_k: int = 8, force: bool = False):
+    """The cached cost profile the adaptive tuner uses for (device, model shape, dtype, drafter
+    kind); measured on first use, or now with force=True (`respec profile` re-profiles on request)."""
+    from .tasks.pretrain import cache_root
     from .tuner.profile import load_or_measure
 
     kw = {"max_k": max_k} if max_k > 8 else {}  # the default profile covers k <= 8
-    return AdaptiveK(load_or_measure(model, drafter, cache_root() / "profiles", **kw),
-                     acceptance=AcceptanceModel(max_k=max_k), max_k=max_k)
+    return load_or_measure(model, drafter, cache_root() / "profiles", force=force, **kw)
+
+
+def run_profile_cli(cfg, args) -> int:
+    """`respec profile`: re-measure the adaptive tuner's cost profile for an actor + drafter now
+    (e.g. after the machine's load changed) and print it; later runs use the new one."""
+    import torch
+
+    model_dir = Path(args.model) if args.model else builtin_actor_dir()
+    if args.drafter:
+        drafter_dir = Path(args.drafter)
+    else:
+        from .drafter.distill import ensure_builtin_drafter
+
+        drafter_dir = ensure_builtin_drafter(model_dir)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    pre = load_pretrained(model_dir, dtype=dtype, device=args.device)
+    drafter = load_drafter(drafter_dir, pre.model, actor_path=str(model_dir))
+    prof = cost_profile(pre.model, drafter, args.max_k, force=True)
+    print(format_profile(prof))
+    return 0
+
+
+def format_profile(prof) -> str:
+    """A table of a cost profile: plain step and the speculative round at each k, in ms."""
+    ks = range(1, prof.max_k + 1)
+    lines = [f"cost profile: {prof.device}, {prof.model}, {prof.dtype} (ms)",
+             "batch | plain | " + " | ".join(f"k={k} round" for k in ks)]
+    for B in sorted(prof.verify):
+        lines.append(f"{B} | {prof.verify_cost(B, 1) * 1e3:.2f} | "
+                     + " | ".join(f"{prof.spec_round_cost(B, k) * 1e3:.2f}" for k in ks))
+    return "\n".join(lines)
+
+
+def add_profile_args(p) -> None:
+    p.add_argument("--model", default="", help="actor directory (default: the built-in actor)")
+    p.add_argument("--drafter", default="", help="drafter directory (default: the built-in actor's cached drafter)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--max-k", type=int, default=8, help="deepest draft profiled (the tuner's speculative_num_steps)")
 
 
 def _validate_row(row: dict[str, Any]) -> None:

@@ -160,3 +160,24 @@ def test_generate_with_adaptive_speculation_is_the_same_greedy(actor_dir, tmp_pa
     plain = [json.loads(x)["token_ids"] for x in (tmp_path / "plain.jsonl").read_text().splitlines()]
     adaptive = [json.loads(x)["token_ids"] for x in (tmp_path / "adaptive.jsonl").read_text().splitlines()]
     assert plain == adaptive
+
+
+def test_profile_command_remeasures_the_cached_profile(actor_dir, capsys, monkeypatch):
+    """`respec profile` measures again even where a cached profile exists, and the tuner then uses it."""
+    from respec.tuner import profile as P
+
+    calls = []
+    real = P.measure_profile
+    monkeypatch.setattr(P, "measure_profile", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    args = ["profile", "--model", str(actor_dir), "--drafter", str(actor_dir)]
+    assert main(args) == 0
+    assert main(args) == 0  # cached now, measured again all the same
+    assert len(calls) == 2
+    out = capsys.readouterr().out
+    assert "cost profile" in out and "k=8 round" in out and "\n64 | " in out
+    from respec.generate import cost_profile, load_drafter
+    from respec.models import load_pretrained
+
+    pre = load_pretrained(actor_dir)
+    prof = cost_profile(pre.model, load_drafter(actor_dir, pre.model))  # what `--spec adaptive` loads
+    assert len(calls) == 2 and prof.max_k == 8

@@ -70,6 +70,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,10 +214,7 @@ def paired_se(before: EvalResult, after: EvalResult) -> float | None:
     if not a or len(a) != len(b):
         return None
     d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
-    return math.sqrt(var / n)
+    return statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -450,9 +448,9 @@ class GRPOTrainer:
                 rows = order[start : start + mb_size]
                 n_tok, n_seq = int(batch.mask[rows].sum().item()), rows.numel()  # denominators: every row
                 first = not norms  # no update yet this step: the weights are the engine's
-                skipped += rows.numel()
-                rows = self._rows_with_gradient(batch, rows)
-                skipped -= rows.numel()
+                keep = self._rows_with_gradient(batch, rows)
+                skipped += rows.numel() - keep.numel()
+                rows = keep
                 self.optimizer.zero_grad(set_to_none=True)
                 mb_loss = 0.0
                 for micro in batch.chunks(rows, o.micro_batch_size):

@@ -120,10 +120,6 @@ class AcceptanceModel:
             self.accepted[j] = self.decay * self.accepted[j] + accepted_at[j]
             self.reached[j] = self.decay * self.reached[j] + reached
 
-    def evidence(self) -> int:
-        """Rows ever verified with at least one draft."""
-        return self.observed
-
     def alpha(self, j: int) -> float:
         return self.accepted[j] / self.reached[j] if self.reached[j] > 0 else self.prior
 
@@ -203,21 +199,24 @@ class AdaptiveK:
         self.iteration += 1
         k = self.current
         if k == 0 and self._should_probe(active):
-            k = min(self.probe_k, self.max_k, self.profile.max_k, self.acceptance.max_k)
+            k = self._probe_depth()
         self.decisions.append((active, k))
         return k
 
     def _should_probe(self, B: int) -> bool:
         """Probe this (off) iteration? The schedule and conditions are in the field comments above."""
-        cold = self.acceptance.evidence() < self.min_evidence
+        cold = self.acceptance.observed < self.min_evidence
         every = self.probe_every if cold else self.explore_every
         if every <= 0 or self.iteration % every:
             return False
         plain = self.predicted_throughput(B, 0)
-        k = min(self.probe_k, self.max_k, self.profile.max_k, self.acceptance.max_k)
+        k = self._probe_depth()
         if B * (k + 1) / self.profile.spec_round_cost(B, k) <= plain * (1 + self.switch_margin):
             return False  # cannot pay even if every draft were accepted
         return cold or self.predicted_throughput(B, k) >= self.explore_floor * plain
+
+    def _probe_depth(self) -> int:
+        return min(self.probe_k, self.max_k, self.profile.max_k, self.acceptance.max_k)
 
     def observe(self, stats) -> None:
         if stats.k > 0:

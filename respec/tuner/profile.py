@@ -55,35 +55,28 @@ def _interleaved_times(fns: dict, reps: int) -> dict:
     return out
 
 
-def _monotone(profile: CostProfile) -> CostProfile:
-    """Costs cannot fall as work grows: make verify[B][q] non-decreasing in q and in B, and draft[B]
-    non-decreasing in B (a running maximum), so timing noise cannot invent a cheap point."""
-    bs = sorted(profile.verify)
-    for B in bs:
-        run = 0.0
-        for q in sorted(profile.verify[B]):
-            run = max(run, profile.verify[B][q])
-            profile.verify[B][q] = run
-    for q in sorted(profile.verify[bs[0]]):
-        run = 0.0
-        for B in bs:
-            run = max(run, profile.verify[B][q])
-            profile.verify[B][q] = run
+def _running_max(table: dict, keys) -> None:
+    """table[key] becomes the maximum of itself and every earlier key's value (keys in order of work)."""
     run = 0.0
-    for B in sorted(profile.draft):
-        run = max(run, profile.draft[B])
-        profile.draft[B] = run
-    for B in sorted(profile.draft_k):  # more drafts cost more ...
-        run = 0.0
-        for k in sorted(profile.draft_k[B]):
-            run = max(run, profile.draft_k[B][k])
-            profile.draft_k[B][k] = run
-    if profile.draft_k:  # ... and so do more rows
-        for k in sorted(profile.draft_k[min(profile.draft_k)]):
-            run = 0.0
-            for B in sorted(profile.draft_k):
-                run = max(run, profile.draft_k[B][k])
-                profile.draft_k[B][k] = run
+    for key in keys:
+        run = table[key] = max(run, table[key])
+
+
+def _monotone(profile: CostProfile) -> CostProfile:
+    """Costs cannot fall as work grows: verify[B][q] and draft_k[B][k] become non-decreasing in
+    q / k and in B, draft[B] in B (running maxima), so timing noise cannot invent a cheap point."""
+    for grid in (profile.verify, profile.draft_k):
+        if not grid:
+            continue
+        bs = sorted(grid)
+        for B in bs:  # more query tokens / drafts per row cost more ...
+            _running_max(grid[B], sorted(grid[B]))
+        for q in sorted(grid[bs[0]]):  # ... and so do more rows
+            column = {B: grid[B][q] for B in bs}
+            _running_max(column, bs)
+            for B in bs:
+                grid[B][q] = column[B]
+    _running_max(profile.draft, sorted(profile.draft))
     return profile
 
 

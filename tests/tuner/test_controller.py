@@ -165,12 +165,18 @@ def test_near_ties_go_to_the_shallower_draft():
     assert greedy.best(2) == top
 
 
+def flat_profile() -> CostProfile:
+    """Each extra verified token costs 35% of a 10 ms step at any batch; a 4 ms round overhead. k = 3
+    gains ~25% over plain at acceptance 0.85 and loses at 0.62."""
+    flat = {B: {q: 0.01 * (1 + 0.35 * (q - 1)) for q in range(1, 10)} for B in GRID}
+    return CostProfile(GRID, flat, {B: 0.0005 for B in GRID}, round_overhead={B: 0.004 for B in GRID})
+
+
 def test_exploration_corrects_an_estimate_learned_only_in_the_tail():
     """Acceptance learned at small batches (long, hard responses: alpha 0.62) says k=3 cannot pay at
     32 rows; the full batch's drafts are accepted at 0.85, where k=3 gains ~25%. Periodic probes at
-    32 rows measure that and switch speculation on; without exploration (the default) it stays off."""
-    flat = {B: {q: 0.01 * (1 + 0.35 * (q - 1)) for q in range(1, 10)} for B in GRID}
-    prof = CostProfile(GRID, flat, {B: 0.0005 for B in GRID}, round_overhead={B: 0.004 for B in GRID})
+    32 rows measure that and switch speculation on; without exploration (explore_every 0) it stays off."""
+    prof = flat_profile()
 
     def tail_biased(**kw) -> AdaptiveK:
         acc = AcceptanceModel()
@@ -194,3 +200,22 @@ def test_exploration_corrects_an_estimate_learned_only_in_the_tail():
     assert sum(1 for k in ks[:64] if k) <= 2  # probes are rare: every explore_every-th iteration
     never = tail_biased(explore_every=0)
     assert set(run_full_batch(never, 600)) == {0}
+
+
+def test_a_long_small_batch_tail_does_not_erase_what_the_full_batch_showed():
+    """A rollout: 10 rounds of 32 rows accepting 0.85, then a 60-round tail of one row accepting 0.62
+    (long, hard responses). History is discounted per row, so the estimate stays near the mix of rows it
+    saw (~0.77) and the next rollout's full batch speculates; discounting per round (0.95 per round
+    keeps 5% after 60 rounds) would leave ~0.67 and keep 32 rows on plain decoding."""
+    prof = flat_profile()
+    acc = AcceptanceModel()
+    for B, alpha, n in [(32, 0.85, 10), (1, 0.62, 60)]:
+        for i in range(n):
+            k = 3
+            if B == 1:  # one row: accept a run of length ~ geometric(alpha), deterministic pattern
+                run = next((j for j in range(k) if (i * 7 + j * 3) % 100 >= alpha * 100), k)
+                acc.update([int(j < run) for j in range(k)], [1] * k)
+            else:
+                acc.update([round(B * alpha ** (j + 1)) for j in range(k)], [B] * k)
+    assert 0.74 < acc.alpha(0) < 0.86
+    assert AdaptiveK(prof, acceptance=acc).best(32) >= 2

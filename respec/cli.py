@@ -38,6 +38,7 @@ _BENCHES = {
     "rollout": ("plain vs speculative rollouts on the built-in actor (batch sweep, k sweep, whole rollouts)", "respec.bench.rollout"),
     "adaptive": ("adaptive speculation vs plain vs every static k (fixed batches, whole GRPO rollouts)", "respec.bench.adaptive"),
     "grpo": ("GRPO runs with speculation on vs off over seeds: same curves, less generation time", "respec.bench.grpo"),
+    "layer": ("one decoder layer's share of a plain decode step (the built-in actor's sizing rule)", "respec.bench.layer"),
     "lossless": ("the pooled losslessness test at >= 10^6 tokens over 20 seeds", "respec.bench.lossless"),
     "overlap": ("online drafter learner: frozen vs synchronous vs asynchronous step time, overlap efficiency",
                 "respec.bench.overlap"),

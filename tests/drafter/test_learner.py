@@ -18,7 +18,7 @@ import torch
 
 from respec.drafter import EagleHead
 from respec.drafter.distill import distill_loss
-from respec.drafter.learner import InlineLearner, ProcessLearner, learner_update
+from respec.drafter.learner import LEARNER_NICE, InlineLearner, ProcessLearner, learner_update
 from respec.drafter.online import OnlineDistillConfig, OnlineDistiller
 
 from .conftest import tiny_head, tiny_target
@@ -125,6 +125,8 @@ def test_killed_learner_is_reported_and_restarted(setup):
     try:
         assert proc.wait_ready(START_S)
         first = proc.pid
+        expected_nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + LEARNER_NICE)
+        assert os.getpriority(os.PRIO_PROCESS, first) == expected_nice  # background priority
         proc.submit(0, job(target, head, records, steps_per_update=100_000))  # busy for minutes
         res = proc.result(0, timeout=0.2)
         assert not res.ok and "timed out" in res.error
@@ -134,6 +136,7 @@ def test_killed_learner_is_reported_and_restarted(setup):
         proc.submit(1, job(target, head, records))
         res = proc.result(1, timeout=START_S)
         assert res.ok and res.version == 1 and proc.restarts == 1 and proc.pid != first
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == expected_nice  # the restarted one too
     finally:
         proc.close()
 

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                 acc_at = [sum(sum(rd.accepted_at[j] for rd in x.rounds if len(rd.accepted_at) > j) for x in runs) /
                           max(1, sum(sum(rd.drafted_at[j] for rd in x.rounds if len(rd.drafted_at) > j) for x in runs))
                           for j in range(k)]
-                pred = tau * costs.verify_cost(B, 1) / (costs.draft_cost(B, k) + costs.verify_cost(B, k + 1))
+                pred = tau * costs.plain_cost(B) / costs.spec_round_cost(B, k)  # the controller's model
                 rec = {"temperature": temp, "batch_size": B, "k": k,
                        "tokens_per_s_plain": statistics.median(res["0"]), "tokens_per_s_spec": statistics.median(res[str(k)]),
                        "speedup": r.median, "speedup_ci95": [r.lo, r.hi], "mean_accept_len": tau,

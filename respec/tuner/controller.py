@@ -4,8 +4,11 @@ Plain Python, deterministic, no torch: the controller sees only a cost profile (
 device / model / dtype, see profile.py) and acceptance counts reported by the engine, so the same
 inputs always give the same decisions (the reproducible mode: live timings are never read).
 
-    throughput(B, 0) = B / C_verify(B, 1)
+    throughput(B, 0) = B / (C_verify(B, 1) + C_iter(B))
     throughput(B, k) = B * tau(k) / (C_draft(B, k) + C_verify(B, k + 1) + C_round(B))
+
+C_iter(B) is what a plain engine iteration costs beyond its forward (sampling, commit); C_round(B)
+is the speculative round's counterpart (accept/reject, residual sampling, commit).
 
 C_draft(B, k) is the drafter's whole proposal of k tokens (its catch-up over the tokens the last
 round committed, then k sampling steps) as profiled; profiles without per-k figures use k times
@@ -32,13 +35,15 @@ from dataclasses import dataclass, field
 class CostProfile:
     """Measured latencies in seconds: verify[B][q] (q query tokens per row), draft[B] (one drafter
     step for B rows), draft_k[B][k] (a whole k-token proposal; optional), round_overhead[B]
-    (sampling/bookkeeping per speculative round)."""
+    (sampling/bookkeeping per speculative round), iteration_overhead[B] (the same around a plain
+    iteration's forward; optional)."""
 
     batch_sizes: list[int]
     verify: dict[int, dict[int, float]]
     draft: dict[int, float]
     round_overhead: dict[int, float] = field(default_factory=dict)
     draft_k: dict[int, dict[int, float]] = field(default_factory=dict)
+    iteration_overhead: dict[int, float] = field(default_factory=dict)  # a plain iteration beyond its forward
     device: str = ""
     model: str = ""
     dtype: str = ""
@@ -68,6 +73,12 @@ class CostProfile:
         """One speculative round: a k-token proposal, verifying k + 1 tokens per row, bookkeeping."""
         return self.draft_cost(B, k) + self.verify_cost(B, k + 1) + self.round_cost(B)
 
+    def plain_cost(self, B: int) -> float:
+        """One plain decode iteration: the forward of one token per row, plus the engine's sampling
+        and bookkeeping around it (profiles without that figure: the forward alone)."""
+        extra = self._interp(self.iteration_overhead, B) if self.iteration_overhead else 0.0
+        return self.verify_cost(B, 1) + extra
+
     def round_cost(self, B: int) -> float:
         return self._interp(self.round_overhead, B) if self.round_overhead else 0.0
 
@@ -80,6 +91,7 @@ class CostProfile:
                 "draft": {str(b): t for b, t in self.draft.items()},
                 "round_overhead": {str(b): t for b, t in self.round_overhead.items()},
                 "draft_k": {str(b): {str(k): t for k, t in v.items()} for b, v in self.draft_k.items()},
+                "iteration_overhead": {str(b): t for b, t in self.iteration_overhead.items()},
                 "device": self.device, "model": self.model, "dtype": self.dtype}
 
     @classmethod
@@ -89,6 +101,7 @@ class CostProfile:
                    draft={int(b): float(t) for b, t in d["draft"].items()},
                    round_overhead={int(b): float(t) for b, t in d.get("round_overhead", {}).items()},
                    draft_k={int(b): {int(k): float(t) for k, t in v.items()} for b, v in d.get("draft_k", {}).items()},
+                   iteration_overhead={int(b): float(t) for b, t in d.get("iteration_overhead", {}).items()},
                    device=d.get("device", ""), model=d.get("model", ""), dtype=d.get("dtype", ""))
 
 
@@ -185,7 +198,7 @@ class AdaptiveK:
 
     def predicted_throughput(self, B: int, k: int) -> float:
         if k == 0:
-            return B / self.profile.verify_cost(B, 1)
+            return B / self.profile.plain_cost(B)
         return B * self.acceptance.tau(k) / self.profile.spec_round_cost(B, k)
 
     def best(self, B: int) -> int:

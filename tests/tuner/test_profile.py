@@ -28,6 +28,10 @@ def test_measured_profile_covers_the_grid_and_never_gets_cheaper_with_more_work(
         bs = [prof.verify[B][q] for B in (1, 2, 4)]
         assert bs == sorted(bs)
     assert prof.max_k == 3 and prof.draft[1] > 0
+    # a plain iteration is the engine's whole iteration: its forward plus sampling and bookkeeping
+    assert sorted(prof.iteration_overhead) == [1, 2, 4] and all(t >= 0 for t in prof.iteration_overhead.values())
+    assert prof.plain_cost(2) == prof.verify[2][1] + prof.iteration_overhead[2]
+    assert P.CostProfile.from_dict(prof.to_dict()).plain_cost(4) == prof.plain_cost(4)
 
 
 def test_whole_proposals_are_profiled_per_k_and_drive_the_round_cost():

@@ -47,3 +47,12 @@ def test_whole_proposals_are_profiled_per_k_and_drive_the_round_cost():
     assert again.draft_k == prof.draft_k
     legacy = P.CostProfile.from_dict({k: v for k, v in prof.to_dict().items() if k != "draft_k"})
     assert legacy.draft_cost(2, 3) == 3 * prof.draft[2]  # older profiles: k one-step proposals
+
+
+def test_iteration_overhead_is_a_clamped_line_through_the_noisy_differences():
+    fit = P._linear_fit({1: 0.0005, 2: 0.0002, 4: 0.0004, 16: -0.0001, 32: 0.0007, 64: 0.0009})
+    vals = [fit[B] for B in (1, 2, 4, 16, 32, 64)]
+    assert all(v >= 0 for v in vals) and vals == sorted(vals)  # one slope, no negative cost
+    line = P._linear_fit({1: 1.0, 2: 2.0, 4: 4.0})  # an exact line comes back unchanged
+    assert all(abs(line[B] - B) < 1e-12 for B in (1, 2, 4))
+    assert P._linear_fit({1: -1.0, 8: -2.0}) == {1: 0.0, 8: 0.0}

@@ -5,10 +5,10 @@ device / model / dtype, see profile.py) and acceptance counts reported by the en
 inputs always give the same decisions (the reproducible mode: live timings are never read).
 
     throughput(B, 0) = B / (C_verify(B, 1) + C_iter(B))
-    throughput(B, k) = B * tau(k) / (C_draft(B, k) + C_verify(B, k + 1) + C_round(B))
+    throughput(B, k) = B * tau(k) / (C_draft(B, k) + C_verify(B, k + 1) + C_round(B) + C_iter(B))
 
-C_iter(B) is what a plain engine iteration costs beyond its forward (sampling, commit); C_round(B)
-is the speculative round's counterpart (accept/reject, residual sampling, commit).
+C_iter(B) is the engine's bookkeeping around every iteration (policy call, commit); C_round(B) is
+what a speculative round adds (accept/reject and residual sampling).
 
 C_draft(B, k) is the drafter's whole proposal of k tokens (its catch-up over the tokens the last
 round committed, then k sampling steps) as profiled; profiles without per-k figures use k times
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 class CostProfile:
     """Measured latencies in seconds: verify[B][q] (q query tokens per row), draft[B] (one drafter
     step for B rows), draft_k[B][k] (a whole k-token proposal; optional), round_overhead[B]
-    (sampling/bookkeeping per speculative round), iteration_overhead[B] (the same around a plain
-    iteration's forward; optional)."""
+    (sampling/bookkeeping per speculative round), iteration_overhead[B] (the engine's bookkeeping
+    around every iteration, plain or speculative; optional)."""
 
     batch_sizes: list[int]
     verify: dict[int, dict[int, float]]
@@ -70,14 +70,18 @@ class CostProfile:
         return k * self._interp(self.draft, B)
 
     def spec_round_cost(self, B: int, k: int) -> float:
-        """One speculative round: a k-token proposal, verifying k + 1 tokens per row, bookkeeping."""
-        return self.draft_cost(B, k) + self.verify_cost(B, k + 1) + self.round_cost(B)
+        """One speculative round: a k-token proposal, verifying k + 1 tokens per row, accept/reject
+        and residual sampling, the engine's bookkeeping."""
+        return self.draft_cost(B, k) + self.verify_cost(B, k + 1) + self.round_cost(B) + self.iteration_cost(B)
+
+    def iteration_cost(self, B: int) -> float:
+        """The engine's bookkeeping around any iteration, plain or speculative (0 in older profiles)."""
+        return self._interp(self.iteration_overhead, B) if self.iteration_overhead else 0.0
 
     def plain_cost(self, B: int) -> float:
-        """One plain decode iteration: the forward of one token per row, plus the engine's sampling
-        and bookkeeping around it (profiles without that figure: the forward alone)."""
-        extra = self._interp(self.iteration_overhead, B) if self.iteration_overhead else 0.0
-        return self.verify_cost(B, 1) + extra
+        """One plain decode iteration: the forward of one token per row (sampling included) plus the
+        engine's bookkeeping around it."""
+        return self.verify_cost(B, 1) + self.iteration_cost(B)
 
     def round_cost(self, B: int) -> float:
         return self._interp(self.round_overhead, B) if self.round_overhead else 0.0

@@ -5,12 +5,14 @@
     draft_k[B][k] a whole k-token proposal (catch-up over CATCH_UP committed tokens, then k steps):
                   what a round pays; k one-step figures overstate it (the catch-up is paid once)
     round[B]      per-round sampling and accept/reject bookkeeping outside the two forwards
-    iteration[B]  what a plain engine iteration costs beyond its forward (sampling, commit, the
-                  engine's bookkeeping): the engine's own median iteration time at B rows minus
-                  verify[B][1], smoothed by a line in B (_linear_fit). Without it plain decoding looked 7-18% cheaper than it is (0.35-0.76
-                  ms per iteration at 1-32 rows on this CPU) while speculative rounds carried their
-                  overhead, which kept 16-row batches on plain decoding where k = 3 measured 1.09x
-
+    iteration[B]  the engine's bookkeeping around every iteration, plain or speculative: its
+                  policy call, uniform gathers and commit (host copies, per-row records), i.e. a
+                  plain engine iteration's wall minus its forward-and-sample, paired within each
+                  iteration (a difference of two separately timed calls was noise: negative at some
+                  batch sizes). Both sides of the controller's comparison pay it; without it a plain
+                  iteration was priced as a bare forward, 7-18% under what the engine spends at
+                  1-32 rows on this CPU, which kept 16-row batches on plain decoding where k = 3
+                  measured 1.09x
 Profiles are cached as JSON under the respec cache directory (key: device name, model parameter
 fingerprint shape, dtype); `force=True` re-profiles. Every configuration of a batch size is timed
 round-robin (interleaved), so a burst of load hits them alike. Checkpoints store the profile a run used, so a
@@ -37,7 +39,7 @@ from .controller import CostProfile
 DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 64)
 PLAIN_ITERATIONS = 12  # decode iterations per profiled plain engine call (its median is the figure)
 CATCH_UP = 2  # committed tokens a profiled proposal catches up over (a round commits ~tau of them)
-PROFILE_VERSION = 6  # bump when the measurement changes, so stale cached profiles are not reused
+PROFILE_VERSION = 7  # bump when the measurement changes, so stale cached profiles are not reused
 
 
 def _interleaved_times(fns: dict, reps: int) -> dict:
@@ -62,22 +64,6 @@ def _low_median(ts: list[float]) -> float:
     """The median of the lower half: the stable low end of a set of timings."""
     ts = sorted(ts)
     return statistics.median(ts[: max(1, (len(ts) + 1) // 2)])
-
-
-def _linear_fit(diffs: dict[int, float]) -> dict[int, float]:
-    """Least-squares a + b * B through per-batch differences of two timings, clamped at 0.
-
-    A difference of two noisy timings is noisier than either (it came out negative at some batch
-    sizes on this shared CPU); the engine's bookkeeping is a fixed part plus a per-row loop, so a
-    line through all batch sizes is the stable figure."""
-    bs = sorted(diffs)
-    if len(bs) < 2:
-        return {B: max(0.0, d) for B, d in diffs.items()}
-    mb, md = statistics.fmean(bs), statistics.fmean(diffs[B] for B in bs)
-    var = sum((B - mb) ** 2 for B in bs)
-    b = sum((B - mb) * (diffs[B] - md) for B in bs) / var
-    a = md - b * mb
-    return {B: max(0.0, a + b * B) for B in bs}
 
 
 def _running_max(table: dict, keys) -> None:
@@ -157,7 +143,7 @@ def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ct
 
         def plain_iteration(engine=engine, reqs=reqs, out=plain_iters):
             res = engine.generate(reqs, SamplingParams(1.0))
-            out.append(statistics.median(r.round_s for r in res.rounds))
+            out.append(statistics.median(r.round_s - r.verify_s for r in res.rounds))  # paired, per iteration
         fns[("plain", 0)] = plain_iteration
         t = _interleaved_times(fns, reps)
         verify[B] = {q: t[("verify", q)] for q in range(1, max_k + 2)}
@@ -165,8 +151,7 @@ def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ct
             draft[B] = t[("draft", 0)]
             draft_k[B] = {kk: t[("draft", kk)] for kk in range(1, max_k + 1)}
         overhead[B] = t[("round", 0)]
-        iteration[B] = _low_median(plain_iters[1:]) - verify[B][1]  # [0] is the warm-up round
-    iteration = _linear_fit(iteration)
+        iteration[B] = _low_median(plain_iters[1:])  # [0] is the warm-up round
     return _monotone(CostProfile(list(batch_sizes), verify, draft or {B: 0.0 for B in batch_sizes}, overhead, draft_k,
                                  iteration_overhead=iteration,
                                  device=_device_name(dev), model=_fingerprint(model), dtype=str(model.dtype).replace("torch.", "")))

@@ -40,7 +40,7 @@ from ..models import load_pretrained
 from ..rollout.engine import Engine, Request, StaticK
 from ..rollout.sampling import SamplingParams
 from ..tuner.controller import AdaptiveK
-from .protocol import device_info, interleaved, ratio_ci, write_results
+from .protocol import device_info, interleaved, ratio_ci, report_header, write_results
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -200,9 +200,8 @@ def whole_rollouts(model, tok, drafter, task, ks, adaptive_policy, args) -> dict
 
 def render_table(payload: dict) -> str:
     info = payload["info"]
-    lines = ["# Adaptive speculation benchmark: adaptive vs plain vs static k, built-in actor\n",
-             f"device: {info['device_name']}, torch {info['torch']}, threads {info['threads']}, fp32, temperature 1\n",
-             f"command: `{info['command']}`\n",
+    lines = report_header("Adaptive speculation benchmark: adaptive vs plain vs static k, built-in actor", info,
+                          "fp32, temperature 1") + [
              "Ratios are medians of interleaved repetitions with bootstrap 95% intervals. The best static k is chosen on a "
              "separate selection repetition. `chose` = share of decode iterations at each k (0 = plain).\n"]
     if payload["fixed_batch"]:

@@ -21,7 +21,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .protocol import device_info, ratio_ci, student_t_sf, write_results
+from .protocol import device_info, ratio_ci, report_header, student_t_sf, write_results
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -156,9 +156,7 @@ def summarize(runs: dict[str, list[Path]], specs: list[str], args) -> dict:
 def render_table(payload: dict) -> str:
     off, on = payload["arms"]
     info = payload["info"]
-    lines = [f"# GRPO with speculation {on} vs {off}: same learning, less generation time\n",
-             f"device: {info['device_name']}, torch {info['torch']}, threads {info['threads']}, fp32\n",
-             f"command: `{info['command']}`\n",
+    lines = report_header(f"GRPO with speculation {on} vs {off}: same learning, less generation time", info) + [
              f"{len(payload['runs'][off])} seeds per arm ({payload['seeds']}), {payload['steps']} steps each; extra settings: "
              f"{payload['set'] or 'none (the embedded default workload)'}. z = difference of the arms' means in units of "
              "the seed-to-seed standard deviation; p = Welch t-test.\n",

@@ -26,7 +26,7 @@ import torch
 from ..models import load_pretrained
 from ..rollout.engine import Engine, Request
 from ..rollout.sampling import SamplingParams
-from .protocol import device_info, interleaved, ratio_ci, write_results
+from .protocol import device_info, interleaved, ratio_ci, report_header, write_results
 
 GOAL_SHARE = 0.15
 
@@ -78,9 +78,7 @@ def measure(model, batches: list[int], new_tokens: int, prompt_len: int, reps: i
 
 def render(payload: dict) -> str:
     info = payload["info"]
-    lines = ["# One decoder layer as a share of a plain decode step\n",
-             f"device: {info['device_name']}, torch {info['torch']}, threads {info['threads']}, fp32\n",
-             f"command: `{info['command']}`\n",
+    lines = report_header("One decoder layer as a share of a plain decode step", info) + [
              "Engine plain decoding at a fixed active batch (stops ignored), the actor vs a copy without its last "
              "layer, interleaved; share = (step(L) - step(L-1)) / step(L), median over repetitions with a "
              f"bootstrap 95% interval. Goal: at most {GOAL_SHARE:.2f}.\n",

@@ -52,7 +52,7 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..drafter.learner import Learner, ProcessLearner
 from ..rl.online_drafter import OnlineDrafter
-from .protocol import device_info, interleaved, ratio_ci, write_results
+from .protocol import device_info, interleaved, ratio_ci, report_header, write_results
 from .workload import RLWorkload
 
 ARMS = ("frozen", "sync", "async")
@@ -237,10 +237,8 @@ def _fmt(r: dict) -> str:
 def render_table(p: dict) -> str:
     info, w = p["info"], p["workload"]
     d = w["drafter"]
-    lines = [
-        "# Online drafter overlap: frozen vs synchronous vs asynchronous learner\n",
-        f"device: {info['device_name']}, torch {info['torch']}, threads {info['threads']} (learner process: 1), fp32\n",
-        f"command: `{info['command']}`\n",
+    lines = report_header("Online drafter overlap: frozen vs synchronous vs asynchronous learner", info,
+                          "fp32; learner process: 1 thread") + [
         f"Workload: {w['prompts_per_step']} prompts x {w['group_size']} samples, max {w['max_new_tokens']} new tokens, "
         f"T={w['temperature']:g}, static k={w['spec_k']}; learner budget {d['tokens_per_update']} tokens x "
         f"{d['steps_per_update']} AdamW step(s) per update, weighting {d['weighting']}. {p['reps']} interleaved "

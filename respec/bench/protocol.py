@@ -143,3 +143,9 @@ def write_results(stem: Path, payload: dict, table_md: str) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stem.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
     atomic_write_text(stem.with_suffix(".md"), table_md)
+
+
+def report_header(title: str, info: dict, setting: str = "fp32") -> list[str]:
+    """The first lines of every benchmark's markdown: title, device (with `setting`), command."""
+    return [f"# {title}\n", f"device: {info['device_name']}, torch {info['torch']}, threads {info['threads']}, {setting}\n",
+            f"command: `{info['command']}`\n"]

@@ -73,7 +73,7 @@ from ..rl.trainer import PromptSource
 from ..rollout.engine import Engine, GenerationResult, Request, StaticK
 from ..rollout.sampling import SamplingParams
 from ..tasks.data import PromptRecord
-from .protocol import device_info, write_results
+from .protocol import device_info, report_header, write_results
 from .workload import RLWorkload
 
 VARIANTS: tuple[str, ...] = ("frozen",) + WEIGHTINGS  # frozen, then one online variant per weighting
@@ -362,10 +362,7 @@ def render_table(p: dict) -> str:
     shift = [ph for ph in p["phases"] if ph["start"] > 0]
     shift_txt = (f"from step {shift[0]['start']} the training prompts are `{shift[0]['label']}`"
                  if shift else "no distribution shift")
-    lines = [
-        "# Drafter staleness during GRPO: frozen vs online distillation (paired)\n",
-        f"device: {info['device_name']}, torch {info['torch']}, threads {info['threads']}, fp32\n",
-        f"command: `{info['command']}`\n",
+    lines = report_header("Drafter staleness during GRPO: frozen vs online distillation (paired)", info) + [
         f"One GRPO trajectory of {p['steps']} steps ({w['prompts_per_step']} prompts x {w['group_size']} samples, "
         f"max {w['max_new_tokens']} new tokens, T={w['temperature']:g}, lr {w['lr']:g}, seed {w['seed']}), rollouts "
         f"drafted by `{p['drive']}` at static k={p['spec_k']}; {shift_txt}. Every online variant learns from the "

@@ -35,6 +35,10 @@ def test_both_parts_run_and_render():
     rollouts = adaptive.whole_rollouts(model, tok, drafter, task, [1, 2], policy, args)
     assert rollouts["rows"] == 4 and rollouts["rollouts_per_rep"] == 2 and rollouts["timeline"]
     assert set(rollouts["speedup_over_plain"]) == {"k1", "k2", "adaptive"}
+    # per active-batch range: 4 rows start in the 3-5 range and drain through 1-2
+    assert set(rollouts["range_adaptive_over"]) == {"plain", "k1", "k2"}
+    assert set(rollouts["range_tokens_per_s"]["plain"]) <= {"1-2", "3-5"} and "3-5" in rollouts["range_tokens_per_s"]["plain"]
+    assert all(v > 0 for d in rollouts["range_tokens_per_s"].values() for v in d.values())
     md = adaptive.render_table({"info": {"device_name": "cpu", "torch": "x", "threads": 1, "command": "test"},
                                 "new_tokens": 4, "fixed_batch": fixed, "whole_rollouts": rollouts})
-    assert "| 2 |" in md and "adaptive faster than every static k" in md
+    assert "| 2 |" in md and "adaptive faster than every static k" in md and "3-5 rows" in md

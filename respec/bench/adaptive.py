@@ -100,6 +100,13 @@ def _choice_shares(decisions: list[tuple[int, int]]) -> dict[str, float]:
     return {str(k): round(v / n, 4) for k, v in sorted(c.items())}
 
 
+# Active-batch ranges for the per-range view of whole rollouts: (label, lowest, highest active rows).
+# A rollout's wall is set by its longest responses, which differ between configurations (each draws
+# its own samples); throughput within an active-batch range compares the configurations' speed
+# where they ran, with much less of that luck.
+ACTIVE_RANGES = (("1-2", 1, 2), ("3-5", 3, 5), ("6-11", 6, 11), ("12-23", 12, 23), ("24+", 24, 1 << 30))
+
+
 def steady_tokens_per_s(res, B: int) -> float:
     """Tokens committed per second of wall time over the decode iterations that ran with B rows."""
     full = [r for r in res.rounds if r.active == B]
@@ -163,6 +170,8 @@ def whole_rollouts(model, tok, drafter, task, ks, adaptive_policy, args) -> dict
     engines["adaptive"] = Engine(model, eos_token_ids=eos, drafter=drafter, policy=policy, max_batch=rows)
     lengths: list[int] = []
     timeline: list[tuple[int, int]] = []
+    # per configuration, per repetition: emitted tokens and seconds in each active-batch range
+    per_range: dict[str, list[dict[str, list[float]]]] = {name: [] for name in engines}
 
     def runner(name, engine):
         calls = [0]
@@ -171,11 +180,18 @@ def whole_rollouts(model, tok, drafter, task, ks, adaptive_policy, args) -> dict
             wall = 0.0
             sets = sets_for(calls[0])
             calls[0] += 1
+            acc: dict[str, list[float]] = {}
+            per_range[name].append(acc)
             for reqs in sets:
                 if name == "adaptive":
                     policy.decisions.clear()
                 res = engine.generate(reqs, SamplingParams(1.0))
                 wall += res.wall_s
+                for label, lo, hi in ACTIVE_RANGES:
+                    rounds = [r for r in res.rounds if lo <= r.active <= hi]
+                    a = acc.setdefault(label, [0.0, 0.0])
+                    a[0] += sum(r.emitted for r in rounds)
+                    a[1] += sum(r.round_s for r in rounds)
                 if name == "plain":
                     lengths.extend(len(r.token_ids) for r in res.rollouts)
                 if name == "adaptive":
@@ -192,6 +208,14 @@ def whole_rollouts(model, tok, drafter, task, ks, adaptive_policy, args) -> dict
     out["speedup_over_plain"] = {name: ratio_ci(walls["plain"], walls[name]).as_dict() for name in walls if name != "plain"}
     out["adaptive_over_static"] = {f"k{k}": ratio_ci(walls[f"k{k}"], walls["adaptive"]).as_dict() for k in ks}
     out["adaptive_faster_than_every_static"] = all(v["ci95"][0] > 1.0 for v in out["adaptive_over_static"].values())
+    # throughput per active-batch range, repetitions after the warm-up (interleaved() ran it first)
+    tps = {name: {label: [rep[label][0] / rep[label][1] for rep in reps[1:] if rep.get(label, [0, 0])[1] > 0]
+                  for label, _, _ in ACTIVE_RANGES} for name, reps in per_range.items()}
+    out["range_tokens_per_s"] = {name: {label: statistics.median(v) for label, v in d.items() if v} for name, d in tps.items()}
+    out["range_adaptive_over"] = {
+        other: {label: ratio_ci(tps["adaptive"][label], tps[other][label]).as_dict()
+                for label, _, _ in ACTIVE_RANGES if tps["adaptive"][label] and tps[other][label]}
+        for other in ["plain"] + [f"k{k}" for k in ks]}
     out["timeline"] = [list(d) for d in timeline]
     out["adaptive_choice_shares"] = _choice_shares(timeline)
     print("whole rollouts:", json.dumps({k: v for k, v in out.items() if k != "timeline"}), flush=True)
@@ -228,6 +252,14 @@ def render_table(payload: dict) -> str:
         lines.append(f"| {name} | {v['median']:.2f}x [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}] | {rel_s} |")
     lines.append(f"\nadaptive faster than every static k (interval above 1): {w['adaptive_faster_than_every_static']}; "
                  f"adaptive chose (share of iterations): {w['adaptive_choice_shares']}\n")
+    if w.get("range_adaptive_over"):
+        labels = [label for label, _, _ in ACTIVE_RANGES if label in w["range_adaptive_over"]["plain"]]
+        lines += ["\nBy active batch (tokens/s over the iterations whose active batch is in the range; less exposed to "
+                  "sample luck than walls): adaptive / this configuration\n",
+                  "| configuration | " + " | ".join(f"{lb} rows" for lb in labels) + " |", "|---|" + "---|" * len(labels)]
+        for other, d in w["range_adaptive_over"].items():
+            cells = [f"{d[lb]['median']:.2f}x [{d[lb]['ci95'][0]:.2f}, {d[lb]['ci95'][1]:.2f}]" if lb in d else "" for lb in labels]
+            lines.append(f"| {other} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

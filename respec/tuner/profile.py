@@ -2,8 +2,12 @@
 
     verify[B][q]  one target forward, B rows x q query tokens, with feature capture
     draft[B]      one drafter step for B rows (drafter forward + sampling), via its own propose()
-    draft_k[B][k] a whole k-token proposal (catch-up over CATCH_UP committed tokens, then k steps):
-                  what a round pays; k one-step figures overstate it (the catch-up is paid once)
+    draft_k[B][k] a whole k-token proposal (catch-up over k + 1 committed tokens, then k steps):
+                  what a round pays; k one-step figures overstate it (the catch-up is paid once).
+                  The catch-up is padded to the row that committed most in the last round, and with
+                  more than a few rows some row accepted everything (k + 1 tokens). Profiles v4-v7
+                  caught up over 2 tokens and put a k = 3 round at 64 rows at 2.84 plain iterations
+                  where `respec bench adaptive` measured ~2.99, enough to turn k = 3 on at 64 rows
     round[B]      per-round sampling and accept/reject bookkeeping outside the two forwards
     iteration[B]  the engine's bookkeeping around every iteration, plain or speculative: its
                   policy call, uniform gathers and commit (host copies, per-row records), i.e. a
@@ -38,8 +42,7 @@ from .controller import CostProfile
 
 DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 64)
 PLAIN_ITERATIONS = 12  # decode iterations per profiled plain engine call (its median is the figure)
-CATCH_UP = 2  # committed tokens a profiled proposal catches up over (a round commits ~tau of them)
-PROFILE_VERSION = 7  # bump when the measurement changes, so stale cached profiles are not reused
+PROFILE_VERSION = 8  # bump when the measurement changes, so stale cached profiles are not reused
 
 
 def _interleaved_times(fns: dict, reps: int) -> dict:
@@ -116,9 +119,9 @@ def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ct
             ctx_obj = DraftContext(tokens=tokens, features=feats, target_len=L, draft_len=L - 1)
             u = torch.rand(B, max_k, dtype=torch.float64, device=dev)
             fns[("draft", 0)] = lambda ctx_obj=ctx_obj, u=u: drafter.propose(ctx_obj, 1, SamplingParams(1.0), u[:, :1])
-            # whole k-token proposals, catching up over CATCH_UP committed tokens first as in a round
-            ctx_k = DraftContext(tokens=tokens, features=feats, target_len=L, draft_len=L - CATCH_UP)
+            # whole k-token proposals, catching up over the k + 1 tokens a full round commits first
             for kk in range(1, max_k + 1):
+                ctx_k = DraftContext(tokens=tokens, features=feats, target_len=L, draft_len=L - (kk + 1))
                 fns[("draft", kk)] = lambda kk=kk, ctx_k=ctx_k, u=u: drafter.propose(ctx_k, kk, SamplingParams(1.0), u[:, :kk])
         k = 4
         logits = torch.randn(B, k + 1, V, device=dev)

@@ -86,7 +86,8 @@ def policy_state(policy: object | None) -> dict | None:
         return policy.state()
     if isinstance(policy, AdaptiveK):
         return {"acceptance": policy.acceptance.state(), "current": policy.current, "dwell": policy.dwell,
-                "last_batch": policy.last_batch, "iteration": policy.iteration, "profile": policy.profile.to_dict()}
+                "last_batch": policy.last_batch, "iteration": policy.iteration, "profile": policy.profile.to_dict(),
+                "acceptance_by_cell": {str(c): m.state() for c, m in policy.by_cell.items()}}
     return None
 
 
@@ -99,6 +100,10 @@ def load_policy_state(policy: object | None, s: dict | None) -> None:
         policy.acceptance.load_state(s["acceptance"])
         policy.current, policy.dwell, policy.last_batch = s["current"], s["dwell"], s["last_batch"]
         policy.iteration = s.get("iteration", 0)
+        policy.by_cell = {}
+        for c, st in s.get("acceptance_by_cell", {}).items():
+            policy.by_cell[int(c)] = policy.acceptance.empty_like()
+            policy.by_cell[int(c)].load_state(st)
         if "profile" in s:  # the costs the run decided with, not a re-measured (noisy) profile
             policy.profile = CostProfile.from_dict(s["profile"])
 

@@ -148,6 +148,11 @@ class AcceptanceModel:
             self.accepted[j] = w * self.accepted[j] + accepted_at[j]
             self.reached[j] = w * self.reached[j] + reached
 
+    def empty_like(self) -> "AcceptanceModel":
+        """A model with the same settings and no evidence (the prior only)."""
+        return AcceptanceModel(max_k=self.max_k, decay=self.decay, unit_rows=self.unit_rows, prior=self.prior,
+                               prior_weight=self.prior_weight)
+
     def alpha(self, j: int) -> float:
         return self.accepted[j] / self.reached[j] if self.reached[j] > 0 else self.prior
 
@@ -197,13 +202,25 @@ class AdaptiveK:
     dwell: int = 0
     last_batch: int = 0
     iteration: int = 0
+    # Acceptance per batch-size cell (the profile's grid: 1, 2-3, 4-7, ...), used in place of the
+    # pooled estimate once a cell has seen `cell_evidence` rows. Which rows are active depends on the
+    # batch size: a rollout's one- and two-row tail is its longest responses, whose drafts are
+    # accepted least (0.65-0.70 at position 1 here vs 0.83 for the full batch); the pooled estimate,
+    # mostly the full batch's, kept that tail speculating where it measured 0.80x of plain.
+    by_cell: dict[int, AcceptanceModel] = field(default_factory=dict)
+    cell_evidence: int = 64
     # (active batch, k) per decode iteration, the most recent ones (bounded: a run makes millions)
     decisions: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=1 << 16))
 
     def predicted_throughput(self, B: int, k: int) -> float:
         if k == 0:
             return B / self.profile.plain_cost(B)
-        return B * self.acceptance.tau(k) / self.profile.spec_round_cost(B, k)
+        return B * self.acceptance_at(B).tau(k) / self.profile.spec_round_cost(B, k)
+
+    def acceptance_at(self, B: int) -> AcceptanceModel:
+        """The acceptance estimate for B active rows: its cell's, once that has enough evidence."""
+        cell = self.by_cell.get(self._grid_cell(B))
+        return cell if cell is not None and cell.observed >= self.cell_evidence else self.acceptance
 
     def best(self, B: int) -> int:
         """The shallowest k (0 = plain) predicted within `shallow_margin` of the best prediction.
@@ -251,6 +268,8 @@ class AdaptiveK:
     def observe(self, stats) -> None:
         if stats.k > 0:
             self.acceptance.update(stats.accepted_at, stats.drafted_at)
+            cell = self.by_cell.setdefault(self._grid_cell(stats.active), self.acceptance.empty_like())
+            cell.update(stats.accepted_at, stats.drafted_at)
 
     def _grid_cell(self, B: int) -> int:
         return sum(1 for b in self.profile.batch_sizes if b <= B)

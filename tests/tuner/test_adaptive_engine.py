@@ -51,11 +51,16 @@ def test_checkpointed_controller_restores_its_profile_and_decides_the_same():
     a = AdaptiveK(profile(0.00005))
     for B in (64, 32, 8, 2, 1):
         a.choose(B)
+    for i in range(80):  # per-cell acceptance evidence: a poor one-row tail, a good 8-row batch
+        a.observe(SimpleNamespace(k=3, active=1, accepted_at=[int(i % 3 == 0), 0, 0], drafted_at=[1, 1, 1]))
+    a.observe(SimpleNamespace(k=3, active=8, accepted_at=[8, 7, 6], drafted_at=[8, 8, 8]))
     state = json.loads(json.dumps(policy_state(a)))  # what a checkpoint's JSON holds
     b = AdaptiveK(profile(0.01))  # a resumed run whose fresh profile would decide differently
     assert b.best(8) != a.best(8)
     load_policy_state(b, state)
     assert b.profile.to_dict() == a.profile.to_dict()
+    assert {c: m.state() for c, m in b.by_cell.items()} == {c: m.state() for c, m in a.by_cell.items()} != {}
+    assert b.acceptance_at(1).alpha(0) == a.acceptance_at(1).alpha(0) < 0.5
     assert [b.choose(B) for B in (8, 4, 2, 1, 1)] == [a.choose(B) for B in (8, 4, 2, 1, 1)]
 
 

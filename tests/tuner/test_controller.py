@@ -25,7 +25,7 @@ def rounds(controller: AdaptiveK, alpha: float, n: int, B: int, k_seen: int = 8)
         kk = max(k, k_seen)  # also report deep positions so the model learns them
         drafted = [B] * kk
         accepted = [round(B * alpha ** (j + 1)) for j in range(kk)]
-        controller.observe(SimpleNamespace(k=kk, accepted_at=accepted, drafted_at=drafted))
+        controller.observe(SimpleNamespace(k=kk, active=B, accepted_at=accepted, drafted_at=drafted))
 
 
 def test_on_at_small_batches_off_at_large():
@@ -56,7 +56,7 @@ def count_switches(controller: AdaptiveK, B: int = 8, n: int = 200) -> int:
     for i in range(n):
         alpha = 0.4 if i % 2 else 0.8
         k = controller.choose(B)
-        controller.observe(SimpleNamespace(k=8, accepted_at=[round(B * alpha ** (j + 1)) for j in range(8)],
+        controller.observe(SimpleNamespace(k=8, active=B, accepted_at=[round(B * alpha ** (j + 1)) for j in range(8)],
                                            drafted_at=[B] * 8))
         switches += prev is not None and k != prev
         prev = k
@@ -110,7 +110,7 @@ def drive(c: AdaptiveK, n: int, alpha: float = 0.9, seed: int = 0) -> list[int]:
             run = 0
             while run < k and rng.random() < alpha:
                 run += 1
-            c.observe(SimpleNamespace(k=k, accepted_at=[int(j < run) for j in range(k)], drafted_at=[1] * k))
+            c.observe(SimpleNamespace(k=k, active=1, accepted_at=[int(j < run) for j in range(k)], drafted_at=[1] * k))
     return ks
 
 
@@ -189,7 +189,7 @@ def test_exploration_corrects_an_estimate_learned_only_in_the_tail():
             k = c.choose(B)
             ks.append(k)
             if k:
-                c.observe(SimpleNamespace(k=k, accepted_at=[round(B * alpha ** (j + 1)) for j in range(k)],
+                c.observe(SimpleNamespace(k=k, active=B, accepted_at=[round(B * alpha ** (j + 1)) for j in range(k)],
                                           drafted_at=[B] * k))
         return ks
 
@@ -238,3 +238,26 @@ def test_plain_iterations_pay_their_own_overhead():
     assert c_bare.choose(16) == 0
     assert c_iter.profile.plain_cost(16) == 0.0066
     assert c_iter.choose(16) >= 1
+
+
+def test_the_tail_is_judged_by_its_own_acceptance():
+    """10 rounds of 32 rows accepting 0.9, then a 64-round one-row tail accepting 0.35 (the long,
+    hard responses). Acceptance kept per batch-size cell sends the tail to plain decoding and keeps
+    the full batch speculating; the pooled estimate (~0.73, mostly the full batch's) keeps the tail
+    speculating too."""
+    def feed(c: AdaptiveK, B: int, alpha: float, n: int, k: int = 3) -> None:
+        for i in range(n):
+            if B == 1:  # one row: a deterministic accept run whose frequency is ~alpha per position
+                run = next((j for j in range(k) if (i * 7 + j * 3) % 100 >= alpha * 100), k)
+                c.observe(SimpleNamespace(k=k, active=1, accepted_at=[int(j < run) for j in range(k)], drafted_at=[1] * k))
+            else:
+                c.observe(SimpleNamespace(k=k, active=B, accepted_at=[round(B * alpha ** (j + 1)) for j in range(k)],
+                                          drafted_at=[B] * k))
+
+    cells, pooled = AdaptiveK(flat_profile()), AdaptiveK(flat_profile(), cell_evidence=10**9)
+    for c in (cells, pooled):
+        feed(c, 32, 0.9, 10)
+        feed(c, 1, 0.35, 64)
+    assert cells.acceptance_at(1).alpha(0) < 0.45 < 0.7 < cells.acceptance_at(32).alpha(0)
+    assert cells.best(1) == 0 and cells.best(32) >= 2
+    assert pooled.best(1) >= 2  # the broken variant: the tail looks like the full batch

@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import GenerateConfig, spec_settings
 from .io import DataError, atomic_write_jsonl, read_jsonl
-from .models import load_pretrained
+from .models import load_pretrained, parse_dtype
 from .models.transformer import Transformer
 from .rollout.engine import Engine, Request, StaticK
 from .rollout.sampling import SamplingParams
@@ -64,8 +64,6 @@ def cost_profile(model: Transformer, drafter, max_k: int = 8, force: bool = Fals
 def run_profile_cli(cfg, args) -> int:
     """`respec profile`: re-measure the adaptive tuner's cost profile for an actor + drafter now
     (e.g. after the machine's load changed) and print it; later runs use the new one."""
-    import torch
-
     model_dir = Path(args.model) if args.model else builtin_actor_dir()
     if args.drafter:
         drafter_dir = Path(args.drafter)
@@ -73,8 +71,7 @@ def run_profile_cli(cfg, args) -> int:
         from .drafter.distill import ensure_builtin_drafter
 
         drafter_dir = ensure_builtin_drafter(model_dir)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    pre = load_pretrained(model_dir, dtype=dtype, device=args.device)
+    pre = load_pretrained(model_dir, dtype=parse_dtype(args.dtype), device=args.device)
     drafter = load_drafter(drafter_dir, pre.model, actor_path=str(model_dir))
     prof = cost_profile(pre.model, drafter, args.max_k, force=True)
     print(format_profile(prof))

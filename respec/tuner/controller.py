@@ -6,14 +6,12 @@ inputs always give the same decisions (the reproducible mode: live timings are n
 
     throughput(B, 0) = B / (C_verify(B, 1) + C_iter(B))
     throughput(B, k) = B * tau(k) / (C_draft(B, k) + C_verify(B, k + 1) + C_round(B) + C_iter(B))
+    tau(k)           = 1 + sum_{j<k} prod_{i<=j} alpha_i          (expected tokens per row per round)
 
 C_iter(B) is the engine's bookkeeping around every iteration (policy call, commit); C_round(B) is
-what a speculative round adds (accept/reject and residual sampling).
-
-C_draft(B, k) is the drafter's whole proposal of k tokens (its catch-up over the tokens the last
-round committed, then k sampling steps) as profiled; profiles without per-k figures use k times
-one step.
-    tau(k)           = 1 + sum_{j<k} prod_{i<=j} alpha_i          (expected tokens per row per round)
+what a speculative round adds (accept/reject and residual sampling). C_draft(B, k) is the
+drafter's whole proposal of k tokens (its catch-up over the tokens the last round committed, then
+k sampling steps) as profiled; profiles without per-k figures use k times one step.
 
 alpha_j is the acceptance rate of draft position j given every earlier draft was accepted, an
 exponentially weighted average of the engine's counts (it follows the drafter as it learns and the
@@ -43,7 +41,7 @@ class CostProfile:
     draft: dict[int, float]
     round_overhead: dict[int, float] = field(default_factory=dict)
     draft_k: dict[int, dict[int, float]] = field(default_factory=dict)
-    iteration_overhead: dict[int, float] = field(default_factory=dict)  # a plain iteration beyond its forward
+    iteration_overhead: dict[int, float] = field(default_factory=dict)  # bookkeeping around any iteration
     device: str = ""
     model: str = ""
     dtype: str = ""
@@ -205,17 +203,19 @@ class AdaptiveK:
     # Acceptance per batch-size cell (the profile's grid: 1, 2-3, 4-7, ...), used in place of the
     # pooled estimate once a cell has seen `cell_evidence` rows. Which rows are active depends on the
     # batch size: a rollout's one- and two-row tail is its longest responses, whose drafts are
-    # accepted least (0.65-0.70 at position 1 here vs 0.83 for the full batch); the pooled estimate,
-    # mostly the full batch's, kept that tail speculating where it measured 0.80x of plain.
+    # accepted least (0.65-0.70 at position 1 here vs 0.83 for the full batch), and the pooled
+    # estimate is mostly the full batch's (`respec bench adaptive` measures speculation against plain
+    # per active-batch range; in the 1-2-row range it has measured 0.77x-0.96x this session).
     by_cell: dict[int, AcceptanceModel] = field(default_factory=dict)
     cell_evidence: int = 64
     # (active batch, k) per decode iteration, the most recent ones (bounded: a run makes millions)
     decisions: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=1 << 16))
 
-    def predicted_throughput(self, B: int, k: int) -> float:
+    def predicted_throughput(self, B: int, k: int, acc: AcceptanceModel | None = None) -> float:
+        """Tokens per second at B rows; acc = acceptance_at(B) unless the caller already has it."""
         if k == 0:
             return B / self.profile.plain_cost(B)
-        return B * self.acceptance_at(B).tau(k) / self.profile.spec_round_cost(B, k)
+        return B * (acc or self.acceptance_at(B)).tau(k) / self.profile.spec_round_cost(B, k)
 
     def acceptance_at(self, B: int) -> AcceptanceModel:
         """The acceptance estimate for B active rows: its cell's, once that has enough evidence."""
@@ -230,7 +230,8 @@ class AdaptiveK:
         least (the prior, where only shallower drafts ran): on this CPU that tie went to k=5 at two
         rows and measured 14% slower than k=3. Among near-equals the shallower draft risks less."""
         ks = range(0, min(self.max_k, self.profile.max_k, self.acceptance.max_k) + 1)
-        thr = [self.predicted_throughput(B, k) for k in ks]
+        acc = self.acceptance_at(B)  # once per decision, not once per candidate k
+        thr = [self.predicted_throughput(B, k, acc) for k in ks]
         top = max(thr)
         return next(k for k, t in zip(ks, thr) if t * (1 + self.shallow_margin) >= top)
 

@@ -5,9 +5,11 @@
     draft_k[B][k] a whole k-token proposal (catch-up over k + 1 committed tokens, then k steps):
                   what a round pays; k one-step figures overstate it (the catch-up is paid once).
                   The catch-up is padded to the row that committed most in the last round, and with
-                  more than a few rows some row accepted everything (k + 1 tokens). Profiles v4-v7
-                  caught up over 2 tokens and put a k = 3 round at 64 rows at 2.84 plain iterations
-                  where `respec bench adaptive` measured ~2.99, enough to turn k = 3 on at 64 rows
+                  more than a few rows some row accepted everything (k + 1 tokens); profiles v4-v7
+                  caught up over 2. (Not modelled: the context length. Every forward here runs at a
+                  `ctx`-token context; at 64 rows plain decoding reads the KV cache and is cheaper at
+                  shorter contexts while a verify barely changes, so a k = 3 round there cost 3.3
+                  plain iterations in the engine at 10-60 tokens vs 2.73 in a 96-token profile.)
     round[B]      per-round sampling and accept/reject bookkeeping outside the two forwards
     iteration[B]  the engine's bookkeeping around every iteration, plain or speculative: its
                   policy call, uniform gathers and commit (host copies, per-row records), i.e. a
@@ -16,7 +18,7 @@
                   batch sizes). Both sides of the controller's comparison pay it; without it a plain
                   iteration was priced as a bare forward, 7-18% under what the engine spends at
                   1-32 rows on this CPU, which kept 16-row batches on plain decoding where k = 3
-                  measured 1.09x
+                  ran 1.09x faster (per-active-batch throughput over 9 whole rollouts, one run)
 Profiles are cached as JSON under the respec cache directory (key: device name, model parameter
 fingerprint shape, dtype); `force=True` re-profiles. Every configuration of a batch size is timed
 round-robin (interleaved), so a burst of load hits them alike. Checkpoints store the profile a run used, so a

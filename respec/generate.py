@@ -79,13 +79,16 @@ def run_profile_cli(cfg, args) -> int:
 
 
 def format_profile(prof) -> str:
-    """A table of a cost profile: plain step and the speculative round at each k, in ms."""
+    """Tables of a cost profile, in ms: the plain step and the speculative round at each k, at each
+    profiled context (KV length)."""
     ks = range(1, prof.max_k + 1)
-    lines = [f"cost profile: {prof.device}, {prof.model}, {prof.dtype} (ms)",
-             "batch | plain | " + " | ".join(f"k={k} round" for k in ks)]
-    for B in sorted(prof.verify):
-        lines.append(f"{B} | {prof.plain_cost(B) * 1e3:.2f} | "
-                     + " | ".join(f"{prof.spec_round_cost(B, k) * 1e3:.2f}" for k in ks))
+    lines = [f"cost profile: {prof.device}, {prof.model}, {prof.dtype} (ms)"]
+    for n in prof.contexts or [prof.context]:
+        lines += [f"context {n or '(not recorded)'} tokens",
+                  "batch | plain | " + " | ".join(f"k={k} round" for k in ks)]
+        for B in sorted(prof.verify):
+            lines.append(f"{B} | {prof.plain_cost(B, n) * 1e3:.2f} | "
+                         + " | ".join(f"{prof.spec_round_cost(B, k, n) * 1e3:.2f}" for k in ks))
     return "\n".join(lines)
 
 

@@ -120,9 +120,10 @@ class GenerationResult:
 
 
 class SpecPolicy(Protocol):
-    """Chooses the draft length for the next iteration (0 = plain). Static or adaptive."""
+    """Chooses the draft length for the next iteration (0 = plain) from the active batch and the
+    context (the longest active row's length). Static or adaptive."""
 
-    def choose(self, active: int) -> int: ...
+    def choose(self, active: int, context: int) -> int: ...
 
     def observe(self, stats: RoundStats) -> None: ...
 
@@ -131,7 +132,7 @@ class SpecPolicy(Protocol):
 class StaticK:
     k: int = 0
 
-    def choose(self, active: int) -> int:
+    def choose(self, active: int, context: int = 0) -> int:
         return self.k
 
     def observe(self, stats: RoundStats) -> None:
@@ -304,7 +305,7 @@ class _BatchState:
         e, dev = self.e, self.dev
         t_round = time.perf_counter()
         L = self.target_len[:B]
-        k = e.policy.choose(B) if e.drafter is not None else 0
+        k = e.policy.choose(B, self.context()) if e.drafter is not None else 0
         # per-row draft length: leave room for the resampled/bonus token within the token budget
         remaining = self.budget[:B] - self.generated[:B]  # (B,) >= 1
         k_row = torch.clamp(remaining - 1, max=k)  # (B,)
@@ -350,6 +351,11 @@ class _BatchState:
                      t_verify - t_draft, t_done - t_verify)
         self.rounds[-1].round_s = time.perf_counter() - t_round
         return True
+
+    def context(self) -> int:
+        """The longest active row's length (prompt + generated): the KV positions a forward reads.
+        From the host records, so no device sync."""
+        return max(len(self.requests[ri].prompt_ids) + len(self.rollouts[ri].token_ids) for ri in self.slot_req)
 
     def _commit(self, B, L, k, k_row, verdict, target_probs, nucleus, hidden, fallback, draft_s, verify_s) -> None:
         dev = self.dev

@@ -11,7 +11,9 @@ inputs always give the same decisions (the reproducible mode: live timings are n
 C_iter(B) is the engine's bookkeeping around every iteration (policy call, commit); C_round(B) is
 what a speculative round adds (accept/reject and residual sampling). C_draft(B, k) is the
 drafter's whole proposal of k tokens (its catch-up over the tokens the last round committed, then
-k sampling steps) as profiled; profiles without per-k figures use k times one step.
+k sampling steps) as profiled; profiles without per-k figures use k times one step. C_verify also
+depends on the context n, the KV length the forward reads (the longest active row's, which the
+engine passes to `choose`): profiles measured at several contexts interpolate linearly in n.
 
 alpha_j is the acceptance rate of draft position j given every earlier draft was accepted, an
 exponentially weighted average of the engine's counts (it follows the drafter as it learns and the
@@ -34,7 +36,15 @@ class CostProfile:
     """Measured latencies in seconds: verify[B][q] (q query tokens per row), draft[B] (one drafter
     step for B rows), draft_k[B][k] (a whole k-token proposal; optional), round_overhead[B]
     (sampling/bookkeeping per speculative round), iteration_overhead[B] (the engine's bookkeeping
-    around every iteration, plain or speculative; optional)."""
+    around every iteration, plain or speculative; optional).
+
+    verify_by_context[n][B][q] (optional) is the verify table measured at a KV length of n tokens,
+    for each n in `contexts`; `verify` is the table at `context` (one of them, or the only context of
+    an older profile). Attention reads the whole KV cache, so at large batches a forward's cost
+    grows with the context: at 64 rows on this CPU the engine's plain iteration at 10-60-token
+    contexts cost 9.85 ms against 12.95 ms for the profile's plain forward at 96 tokens, while a
+    4-token verify barely moved (23.9 vs 24.8 ms), so a single-context profile priced a k = 3 round
+    at 2.73 plain iterations where the engine paid 3.3."""
 
     batch_sizes: list[int]
     verify: dict[int, dict[int, float]]
@@ -42,6 +52,8 @@ class CostProfile:
     round_overhead: dict[int, float] = field(default_factory=dict)
     draft_k: dict[int, dict[int, float]] = field(default_factory=dict)
     iteration_overhead: dict[int, float] = field(default_factory=dict)  # bookkeeping around any iteration
+    context: int = 0  # KV length `verify` was measured at (0: not recorded)
+    verify_by_context: dict[int, dict[int, dict[int, float]]] = field(default_factory=dict)
     device: str = ""
     model: str = ""
     dtype: str = ""
@@ -58,8 +70,26 @@ class CostProfile:
                 return table[lo] * (1 - t) + table[hi] * t
         raise AssertionError("unreachable")
 
-    def verify_cost(self, B: int, q: int) -> float:
-        return self._interp({b: v[q] for b, v in self.verify.items() if q in v}, B)
+    @property
+    def contexts(self) -> list[int]:
+        return sorted(self.verify_by_context)
+
+    def _verify_at(self, table: dict[int, dict[int, float]], B: int, q: int) -> float:
+        return self._interp({b: v[q] for b, v in table.items() if q in v}, B)
+
+    def verify_cost(self, B: int, q: int, context: int = 0) -> float:
+        """One target forward of q tokens per row at B rows, reading `context` KV positions (0 or a
+        single-context profile: the profile's own context). Linear in the context between measured
+        contexts, extrapolated linearly above the longest, clamped below the shortest."""
+        ns = self.contexts
+        if not context or len(ns) < 2:
+            return self._verify_at(self.verify, B, q)
+        if context <= ns[0]:
+            return self._verify_at(self.verify_by_context[ns[0]], B, q)
+        lo, hi = next(((a, b) for a, b in zip(ns, ns[1:]) if context <= b), (ns[-2], ns[-1]))
+        c_lo = self._verify_at(self.verify_by_context[lo], B, q)
+        c_hi = self._verify_at(self.verify_by_context[hi], B, q)
+        return c_lo + (c_hi - c_lo) * (context - lo) / (hi - lo)
 
     def draft_cost(self, B: int, k: int = 1) -> float:
         """Seconds for a k-token proposal at B rows (profiled per k, else k one-step proposals)."""
@@ -67,19 +97,20 @@ class CostProfile:
             return self._interp({b: v[k] for b, v in self.draft_k.items()}, B)
         return k * self._interp(self.draft, B)
 
-    def spec_round_cost(self, B: int, k: int) -> float:
+    def spec_round_cost(self, B: int, k: int, context: int = 0) -> float:
         """One speculative round: a k-token proposal, verifying k + 1 tokens per row, accept/reject
         and residual sampling, the engine's bookkeeping."""
-        return self.draft_cost(B, k) + self.verify_cost(B, k + 1) + self.round_cost(B) + self.iteration_cost(B)
+        return (self.draft_cost(B, k) + self.verify_cost(B, k + 1, context) + self.round_cost(B)
+                + self.iteration_cost(B))
 
     def iteration_cost(self, B: int) -> float:
         """The engine's bookkeeping around any iteration, plain or speculative (0 in older profiles)."""
         return self._interp(self.iteration_overhead, B) if self.iteration_overhead else 0.0
 
-    def plain_cost(self, B: int) -> float:
+    def plain_cost(self, B: int, context: int = 0) -> float:
         """One plain decode iteration: the forward of one token per row (sampling included) plus the
         engine's bookkeeping around it."""
-        return self.verify_cost(B, 1) + self.iteration_cost(B)
+        return self.verify_cost(B, 1, context) + self.iteration_cost(B)
 
     def round_cost(self, B: int) -> float:
         return self._interp(self.round_overhead, B) if self.round_overhead else 0.0
@@ -94,6 +125,9 @@ class CostProfile:
                 "round_overhead": {str(b): t for b, t in self.round_overhead.items()},
                 "draft_k": {str(b): {str(k): t for k, t in v.items()} for b, v in self.draft_k.items()},
                 "iteration_overhead": {str(b): t for b, t in self.iteration_overhead.items()},
+                "context": self.context,
+                "verify_by_context": {str(n): {str(b): {str(q): t for q, t in v.items()} for b, v in table.items()}
+                                      for n, table in self.verify_by_context.items()},
                 "device": self.device, "model": self.model, "dtype": self.dtype}
 
     @classmethod
@@ -104,6 +138,9 @@ class CostProfile:
                    round_overhead={int(b): float(t) for b, t in d.get("round_overhead", {}).items()},
                    draft_k={int(b): {int(k): float(t) for k, t in v.items()} for b, v in d.get("draft_k", {}).items()},
                    iteration_overhead={int(b): float(t) for b, t in d.get("iteration_overhead", {}).items()},
+                   context=int(d.get("context", 0)),
+                   verify_by_context={int(n): {int(b): {int(q): float(t) for q, t in v.items()} for b, v in table.items()}
+                                      for n, table in d.get("verify_by_context", {}).items()},
                    device=d.get("device", ""), model=d.get("model", ""), dtype=d.get("dtype", ""))
 
 
@@ -211,18 +248,19 @@ class AdaptiveK:
     # (active batch, k) per decode iteration, the most recent ones (bounded: a run makes millions)
     decisions: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=1 << 16))
 
-    def predicted_throughput(self, B: int, k: int, acc: AcceptanceModel | None = None) -> float:
-        """Tokens per second at B rows; acc = acceptance_at(B) unless the caller already has it."""
+    def predicted_throughput(self, B: int, k: int, acc: AcceptanceModel | None = None, context: int = 0) -> float:
+        """Tokens per second at B rows and a `context`-token KV length (0: the profile's own);
+        acc = acceptance_at(B) unless the caller already has it."""
         if k == 0:
-            return B / self.profile.plain_cost(B)
-        return B * (acc or self.acceptance_at(B)).tau(k) / self.profile.spec_round_cost(B, k)
+            return B / self.profile.plain_cost(B, context)
+        return B * (acc or self.acceptance_at(B)).tau(k) / self.profile.spec_round_cost(B, k, context)
 
     def acceptance_at(self, B: int) -> AcceptanceModel:
         """The acceptance estimate for B active rows: its cell's, once that has enough evidence."""
         cell = self.by_cell.get(self._grid_cell(B))
         return cell if cell is not None and cell.observed >= self.cell_evidence else self.acceptance
 
-    def best(self, B: int) -> int:
+    def best(self, B: int, context: int = 0) -> int:
         """The shallowest k (0 = plain) predicted within `shallow_margin` of the best prediction.
 
         Near the top the predictions of neighbouring k differ by a few percent, less than the
@@ -231,37 +269,40 @@ class AdaptiveK:
         rows and measured 14% slower than k=3. Among near-equals the shallower draft risks less."""
         ks = range(0, min(self.max_k, self.profile.max_k, self.acceptance.max_k) + 1)
         acc = self.acceptance_at(B)  # once per decision, not once per candidate k
-        thr = [self.predicted_throughput(B, k, acc) for k in ks]
+        thr = [self.predicted_throughput(B, k, acc, context) for k in ks]
         top = max(thr)
         return next(k for k, t in zip(ks, thr) if t * (1 + self.shallow_margin) >= top)
 
-    def choose(self, active: int) -> int:
-        best = self.best(active)
+    def choose(self, active: int, context: int = 0) -> int:
+        """The draft length for the next iteration at `active` rows, the longest holding `context`
+        tokens (prompt + generated; 0 = unknown, priced at the profile's own context)."""
+        best = self.best(active, context)
         crossed = self._grid_cell(active) != self._grid_cell(self.last_batch)
         if self.current < 0 or crossed or self.dwell >= self.min_dwell:
-            gain = self.predicted_throughput(active, best) / self.predicted_throughput(active, max(self.current, 0))
+            gain = (self.predicted_throughput(active, best, context=context)
+                    / self.predicted_throughput(active, max(self.current, 0), context=context))
             if self.current < 0 or (best != self.current and gain > 1 + self.switch_margin):
                 self.current, self.dwell = best, 0
         self.dwell += 1
         self.last_batch = active
         self.iteration += 1
         k = self.current
-        if k == 0 and self._should_probe(active):
+        if k == 0 and self._should_probe(active, context):
             k = self._probe_depth()
         self.decisions.append((active, k))
         return k
 
-    def _should_probe(self, B: int) -> bool:
+    def _should_probe(self, B: int, context: int = 0) -> bool:
         """Probe this (off) iteration? The schedule and conditions are in the field comments above."""
         cold = self.acceptance.observed < self.min_evidence
         every = self.probe_every if cold else self.explore_every
         if every <= 0 or self.iteration % every:
             return False
-        plain = self.predicted_throughput(B, 0)
+        plain = self.predicted_throughput(B, 0, context=context)
         k = self._probe_depth()
-        if B * (k + 1) / self.profile.spec_round_cost(B, k) <= plain * (1 + self.switch_margin):
+        if B * (k + 1) / self.profile.spec_round_cost(B, k, context) <= plain * (1 + self.switch_margin):
             return False  # cannot pay even if every draft were accepted
-        return cold or self.predicted_throughput(B, k) >= self.explore_floor * plain
+        return cold or self.predicted_throughput(B, k, context=context) >= self.explore_floor * plain
 
     def _probe_depth(self) -> int:
         return min(self.probe_k, self.max_k, self.profile.max_k, self.acceptance.max_k)

@@ -1,15 +1,16 @@
 """Profile the costs the controller needs, on the current device, once per (device, model, dtype).
 
-    verify[B][q]  one target forward, B rows x q query tokens, with feature capture
+    verify[B][q]  one target forward, B rows x q query tokens, with feature capture, at the
+                  reference context `ctx`; verify_by_context[n][B][q] the same at each KV length n
+                  in `contexts` (attention reads the whole cache: at large batches a forward costs
+                  more at longer contexts, a plain one relatively more than a verify)
     draft[B]      one drafter step for B rows (drafter forward + sampling), via its own propose()
     draft_k[B][k] a whole k-token proposal (catch-up over k + 1 committed tokens, then k steps):
                   what a round pays; k one-step figures overstate it (the catch-up is paid once).
                   The catch-up is padded to the row that committed most in the last round, and with
                   more than a few rows some row accepted everything (k + 1 tokens); profiles v4-v7
-                  caught up over 2. (Not modelled: the context length. Every forward here runs at a
-                  `ctx`-token context; at 64 rows plain decoding reads the KV cache and is cheaper at
-                  shorter contexts while a verify barely changes, so a k = 3 round there cost 3.3
-                  plain iterations in the engine at 10-60 tokens vs 2.73 in a 96-token profile.)
+                  caught up over 2. Measured at the reference context only (a one-layer drafter's
+                  attention is a small part of a round).
     round[B]      per-round sampling and accept/reject bookkeeping outside the two forwards
     iteration[B]  the engine's bookkeeping around every iteration, plain or speculative: its
                   policy call, uniform gathers and commit (host copies, per-row records), i.e. a
@@ -44,7 +45,8 @@ from .controller import CostProfile
 
 DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 64)
 PLAIN_ITERATIONS = 12  # decode iterations per profiled plain engine call (its median is the figure)
-PROFILE_VERSION = 8  # bump when the measurement changes, so stale cached profiles are not reused
+PROFILE_VERSION = 9  # bump when the measurement changes, so stale cached profiles are not reused
+DEFAULT_CONTEXTS = (32, 128, 384)  # KV lengths the verify table is measured at (v9; v4-v8: 96 only)
 
 
 def _interleaved_times(fns: dict, reps: int) -> dict:
@@ -80,8 +82,10 @@ def _running_max(table: dict, keys) -> None:
 
 def _monotone(profile: CostProfile) -> CostProfile:
     """Costs cannot fall as work grows: verify[B][q] and draft_k[B][k] become non-decreasing in
-    q / k and in B, draft[B] in B (running maxima), so timing noise cannot invent a cheap point."""
-    for grid in (profile.verify, profile.draft_k):
+    q / k and in B, draft[B] in B, verify_by_context[n][B][q] also in n (running maxima), so timing
+    noise cannot invent a cheap point."""
+    tables = [profile.verify, profile.draft_k, *profile.verify_by_context.values()]
+    for grid in tables:
         if not grid:
             continue
         bs = sorted(grid)
@@ -93,25 +97,41 @@ def _monotone(profile: CostProfile) -> CostProfile:
             for B in bs:
                 grid[B][q] = column[B]
     _running_max(profile.draft, sorted(profile.draft))
+    ns = sorted(profile.verify_by_context)  # ... and so do longer contexts
+    for B in profile.verify_by_context.get(ns[0], {}) if ns else ():
+        for q in profile.verify_by_context[ns[0]][B]:
+            column = {n: profile.verify_by_context[n][B][q] for n in ns}
+            _running_max(column, ns)
+            for n in ns:
+                profile.verify_by_context[n][B][q] = column[n]
     return profile
 
 
 @torch.no_grad()
-def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ctx: int = 96, reps: int = 9) -> CostProfile:
+def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ctx: int = 128,
+                    contexts=DEFAULT_CONTEXTS, reps: int = 9) -> CostProfile:
+    """`ctx`: the reference context of every figure; `contexts`: the KV lengths the verify table is
+    also measured at (`ctx` is added to them)."""
     dev, V = model.device, model.cfg.vocab_size
-    verify: dict[int, dict[int, float]] = {}
+    longest = model.cfg.max_position_embeddings - max(max_k + 2, PLAIN_ITERATIONS)  # what the model can hold
+    ctx = min(ctx, longest)
+    contexts = sorted({min(n, longest) for n in contexts} | {ctx})
+    verify_by_context: dict[int, dict[int, dict[int, float]]] = {n: {} for n in contexts}
     draft: dict[int, float] = {}
     overhead: dict[int, float] = {}
     iteration: dict[int, float] = {}
     draft_k: dict[int, dict[int, float]] = {}
     layers = getattr(drafter, "feature_layers", ())
     for B in batch_sizes:
-        cache = model.new_cache(B, ctx + max_k + 2)
-        start = torch.full((B,), ctx, dtype=torch.long, device=dev)
+        cache = model.new_cache(B, max(contexts) + max_k + 2)
         fns = {}
-        for q in range(1, max_k + 2):
-            toks = torch.randint(3, V, (B, q), device=dev)
-            fns[("verify", q)] = lambda toks=toks: model(toks, start=start, cache=cache, hidden_layers=layers)
+        for n in contexts:
+            start = torch.full((B,), n, dtype=torch.long, device=dev)
+            for q in range(1, max_k + 2):
+                toks = torch.randint(3, V, (B, q), device=dev)
+                fns[("verify", n, q)] = lambda toks=toks, start=start: model(toks, start=start, cache=cache,
+                                                                             hidden_layers=layers)
+        start = torch.full((B,), ctx, dtype=torch.long, device=dev)
         if drafter is not None:
             drafter.allocate(B, ctx + max_k + 2)
             F = len(layers) * model.cfg.hidden_size
@@ -151,14 +171,16 @@ def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ct
             out.append(statistics.median(r.round_s - r.verify_s for r in res.rounds))  # paired, per iteration
         fns[("plain", 0)] = plain_iteration
         t = _interleaved_times(fns, reps)
-        verify[B] = {q: t[("verify", q)] for q in range(1, max_k + 2)}
+        for n in contexts:
+            verify_by_context[n][B] = {q: t[("verify", n, q)] for q in range(1, max_k + 2)}
         if drafter is not None:
             draft[B] = t[("draft", 0)]
             draft_k[B] = {kk: t[("draft", kk)] for kk in range(1, max_k + 1)}
         overhead[B] = t[("round", 0)]
         iteration[B] = _low_median(plain_iters[1:])  # [0] is the warm-up round
-    return _monotone(CostProfile(list(batch_sizes), verify, draft or {B: 0.0 for B in batch_sizes}, overhead, draft_k,
-                                 iteration_overhead=iteration,
+    return _monotone(CostProfile(list(batch_sizes), verify_by_context[ctx], draft or {B: 0.0 for B in batch_sizes},
+                                 overhead, draft_k, iteration_overhead=iteration, context=ctx,
+                                 verify_by_context=verify_by_context if len(contexts) > 1 else {},
                                  device=_device_name(dev), model=_fingerprint(model), dtype=str(model.dtype).replace("torch.", "")))
 
 

@@ -160,7 +160,7 @@ class Alternating:
     def __init__(self) -> None:
         self.i = 0
 
-    def choose(self, active: int) -> int:
+    def choose(self, active: int, context: int = 0) -> int:
         self.i += 1
         return (0, 3, 1, 0, 2)[self.i % 5]
 

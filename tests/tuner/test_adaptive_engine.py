@@ -75,3 +75,38 @@ def test_every_round_reports_its_wall_time_covering_draft_and_verify():
                                    SimpleNamespace(active=3, emitted=3, round_s=0.01),
                                    SimpleNamespace(active=8, emitted=24, round_s=0.03)])
     assert steady_tokens_per_s(fake, 8) == pytest.approx(40 / 0.04)
+
+
+def test_the_engine_tells_the_policy_the_longest_active_rows_context():
+    """choose(active, context): context = the longest active row's prompt + generated tokens, the KV
+    length the next forward reads (the cost profile prices forwards by it)."""
+    seen: list[tuple[int, int]] = []
+
+    class Recording:
+        def choose(self, active: int, context: int) -> int:
+            seen.append((active, context))
+            return 2
+
+        def observe(self, stats) -> None:
+            pass
+
+    target = tiny_lm(0)
+    eng = Engine(target, drafter=DraftModelDrafter(perturbed(target, 0.08, 1)), policy=Recording(), max_batch=4, seed=3)
+    reqs = make_requests(4, 16, 7)
+    res = eng.generate(reqs, SamplingParams(1.0))
+    # each row's tokens emitted per round, from round_slots (0, 1, .. m-1 per round); all 4 rows are
+    # admitted at iteration 0, so a row's round t is the engine's iteration t
+    per_round = []
+    for ro in res.rollouts:
+        runs: list[int] = []
+        for s in ro.round_slots:
+            if s == 0:
+                runs.append(0)
+            runs[-1] += 1
+        per_round.append(runs)
+    expected = []
+    for t in range(len(res.rounds)):
+        live = [len(r.prompt_ids) + sum(runs[:t]) for r, runs in zip(reqs, per_round) if len(runs) > t]
+        expected.append((len(live), max(live)))
+    assert seen == expected
+    assert len({ctx for _, ctx in seen}) > 10  # it moves as rows grow (and as the longest finish)

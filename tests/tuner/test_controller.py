@@ -261,3 +261,39 @@ def test_the_tail_is_judged_by_its_own_acceptance():
     assert cells.acceptance_at(1).alpha(0) < 0.45 < 0.7 < cells.acceptance_at(32).alpha(0)
     assert cells.best(1) == 0 and cells.best(32) >= 2
     assert pooled.best(1) >= 2  # the broken variant: the tail looks like the full batch
+
+
+def context_profile() -> CostProfile:
+    """64 rows, as on this CPU: a plain forward reads the whole KV cache, so it costs more at a long
+    context (attention ~ rows x context), while a 4-token verify is matmul-bound and barely moves."""
+    def table(n: int) -> dict:
+        return {B: {q: 0.002 + 0.0001 * B * q + 0.0000004 * B * n for q in range(1, 10)} for B in GRID}
+    tables = {n: table(n) for n in (32, 128, 384)}
+    return CostProfile(GRID, tables[128], {B: 0.00002 * B for B in GRID}, context=128, verify_by_context=tables)
+
+
+def test_costs_follow_the_context_between_and_beyond_the_profiled_ones():
+    p = context_profile()
+    assert p.contexts == [32, 128, 384]
+    assert p.verify_cost(64, 1) == p.verify_cost(64, 1, 128)  # 0 = the reference context
+    mid = p.verify_cost(64, 1, 80)
+    assert abs(mid - (p.verify_cost(64, 1, 32) + p.verify_cost(64, 1, 128)) / 2) < 1e-12  # linear in n
+    assert p.verify_cost(64, 1, 10) == p.verify_cost(64, 1, 32)  # clamped below the shortest
+    assert abs(p.verify_cost(64, 1, 640) - (0.002 + 0.0064 + 0.0000004 * 64 * 640)) < 1e-12  # linear above
+    again = CostProfile.from_dict(p.to_dict())  # what checkpoints and the cache store
+    assert again.verify_cost(64, 4, 200) == p.verify_cost(64, 4, 200) and again.context == 128
+
+
+def test_large_batches_speculate_only_where_the_context_makes_plain_decoding_expensive():
+    """At 64 rows the same acceptance makes k >= 1 pay at a 384-token context and not at 32 tokens;
+    a controller that ignores the context (the broken variant: every context priced at the
+    profile's reference 128) decides the same at both."""
+    acc = AcceptanceModel()
+    acc.accepted, acc.reached = [0.8 * 1000] * 8, [1000.0] * 8
+    c = AdaptiveK(context_profile(), acceptance=acc)
+    assert c.best(64, context=32) == 0
+    assert c.best(64, context=384) >= 1
+    blind = [c.best(64, context=0) for _ in (32, 384)]
+    assert blind[0] == blind[1]
+    fresh = AdaptiveK(context_profile(), acceptance=acc)
+    assert fresh.choose(64, 32) == 0 and AdaptiveK(context_profile(), acceptance=acc).choose(64, 384) >= 1

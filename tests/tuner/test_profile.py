@@ -18,7 +18,7 @@ def test_timings_are_interleaved_round_robin_after_one_warm_up_round():
 def test_measured_profile_covers_the_grid_and_never_gets_cheaper_with_more_work():
     target = tiny_lm(0)
     drafter = DraftModelDrafter(perturbed(target, 0.08, 1))
-    prof = P.measure_profile(target, drafter, batch_sizes=(1, 2, 4), max_k=3, ctx=16, reps=2)
+    prof = P.measure_profile(target, drafter, batch_sizes=(1, 2, 4), max_k=3, ctx=16, contexts=(8, 48), reps=2)
     assert sorted(prof.verify) == [1, 2, 4] and all(sorted(v) == [1, 2, 3, 4] for v in prof.verify.values())
     assert sorted(prof.draft) == [1, 2, 4] and sorted(prof.round_overhead) == [1, 2, 4]
     for B in (1, 2, 4):
@@ -34,12 +34,20 @@ def test_measured_profile_covers_the_grid_and_never_gets_cheaper_with_more_work(
     assert prof.spec_round_cost(2, 3) == (prof.draft_cost(2, 3) + prof.verify[2][4] + prof.round_overhead[2]
                                           + prof.iteration_overhead[2])
     assert P.CostProfile.from_dict(prof.to_dict()).plain_cost(4) == prof.plain_cost(4)
+    # the verify table at each context (the reference one included), never cheaper at a longer one
+    assert prof.contexts == [8, 16, 48] and prof.context == 16 and prof.verify_by_context[16] == prof.verify
+    for B in (1, 2, 4):
+        for q in (1, 2, 3, 4):
+            by_n = [prof.verify_by_context[n][B][q] for n in (8, 16, 48)]
+            assert all(t > 0 for t in by_n) and by_n == sorted(by_n)
+    assert prof.plain_cost(4, 48) == prof.verify_by_context[48][4][1] + prof.iteration_overhead[4]
+    assert P.CostProfile.from_dict(prof.to_dict()).plain_cost(4, 30) == prof.plain_cost(4, 30)
 
 
 def test_whole_proposals_are_profiled_per_k_and_drive_the_round_cost():
     target = tiny_lm(0)
     drafter = DraftModelDrafter(perturbed(target, 0.08, 1))
-    prof = P.measure_profile(target, drafter, batch_sizes=(1, 2), max_k=3, ctx=16, reps=2)
+    prof = P.measure_profile(target, drafter, batch_sizes=(1, 2), max_k=3, ctx=16, contexts=(), reps=2)
     for B in (1, 2):
         ks = [prof.draft_k[B][k] for k in (1, 2, 3)]
         assert all(t > 0 for t in ks) and ks == sorted(ks)
@@ -48,6 +56,7 @@ def test_whole_proposals_are_profiled_per_k_and_drive_the_round_cost():
                                               + prof.iteration_overhead[B])
     again = P.CostProfile.from_dict(prof.to_dict())  # what checkpoints and the cache store
     assert again.draft_k == prof.draft_k
+    assert prof.verify_by_context == {}  # one context: nothing to interpolate
     legacy = P.CostProfile.from_dict({k: v for k, v in prof.to_dict().items() if k != "draft_k"})
     assert legacy.draft_cost(2, 3) == 3 * prof.draft[2]  # older profiles: k one-step proposals
 

@@ -214,7 +214,8 @@ class AdaptiveK:
     acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)
     max_k: int = 8
     switch_margin: float = 0.05
-    shallow_margin: float = 0.05  # best(): prefer the shallowest k predicted within this of the top
+    shallow_margin: float = 0.05  # best(): plain decoding if predicted within this of the top
+    depth_margin: float = 0.10  # best(): else the shallowest k predicted within this of the best k
     min_dwell: int = 4
     # Exploration: a controller that starts "off" never sees an acceptance count, so it could stay
     # off on its prior forever where speculation pays. While the acceptance model has seen fewer
@@ -228,11 +229,20 @@ class AdaptiveK:
     # plain decoding at step 358 and never drafted again (generation 1.1-1.3 s per step after, vs
     # 0.8-0.9 s before). A probe costs at most (1 - explore_floor) of one iteration, every
     # explore_every iterations; explore_every = 0 turns exploration off.
+    # Probes back off: a probe after which plain decoding still predicts best doubles the interval
+    # (up to explore_max_every); one that switches speculation on resets it. A probe also pays the
+    # drafter's catch-up over every token decoded since it last ran, which at 64 rows made a probe
+    # every 32 iterations cost ~14% of plain throughput in a batch that stays off (`respec bench
+    # adaptive`, fixed 64 rows: 0.86x of plain with 94% of iterations plain).
     probe_every: int = 8
     probe_k: int = 3
     min_evidence: int = 16
     explore_every: int = 32  # 0 = no exploration once min_evidence rows are seen
+    explore_max_every: int = 1024
     explore_floor: float = 0.75
+    explore_interval: int = 0  # the current interval between probes (0: explore_every)
+    probing: bool = False  # the last choice was a probe
+    last_context: int = 0
     current: int = -1  # -1: nothing chosen yet
     dwell: int = 0
     last_batch: int = 0
@@ -261,17 +271,24 @@ class AdaptiveK:
         return cell if cell is not None and cell.observed >= self.cell_evidence else self.acceptance
 
     def best(self, B: int, context: int = 0) -> int:
-        """The shallowest k (0 = plain) predicted within `shallow_margin` of the best prediction.
+        """Plain decoding if predicted within `shallow_margin` of the best prediction, else the
+        shallowest k predicted within `depth_margin` of the best k.
 
         Near the top the predictions of neighbouring k differ by a few percent, less than the
         profile's timing noise, and the deeper choice leans on acceptance at positions it has seen
         least (the prior, where only shallower drafts ran): on this CPU that tie went to k=5 at two
-        rows and measured 14% slower than k=3. Among near-equals the shallower draft risks less."""
+        rows and measured 14% slower than k=3. With a 5% margin between depths, k=4 predicted 6%
+        ahead of k=3 at 1-4 rows and measured 3-12% behind it (`respec bench adaptive`, static k at
+        fixed batches), so the margin between depths is 10%: deeper drafts have been
+        over-predicted, never under-predicted, by that much here. Among near-equals the shallower
+        draft risks less."""
         ks = range(0, min(self.max_k, self.profile.max_k, self.acceptance.max_k) + 1)
         acc = self.acceptance_at(B)  # once per decision, not once per candidate k
         thr = [self.predicted_throughput(B, k, acc, context) for k in ks]
-        top = max(thr)
-        return next(k for k, t in zip(ks, thr) if t * (1 + self.shallow_margin) >= top)
+        if len(thr) == 1 or thr[0] * (1 + self.shallow_margin) >= max(thr):
+            return 0
+        top = max(thr[1:])
+        return next(k for k, t in zip(ks[1:], thr[1:]) if t * (1 + self.depth_margin) >= top)
 
     def choose(self, active: int, context: int = 0) -> int:
         """The draft length for the next iteration at `active` rows, the longest holding `context`
@@ -284,18 +301,21 @@ class AdaptiveK:
             if self.current < 0 or (best != self.current and gain > 1 + self.switch_margin):
                 self.current, self.dwell = best, 0
         self.dwell += 1
-        self.last_batch = active
+        self.last_batch, self.last_context = active, context
         self.iteration += 1
         k = self.current
-        if k == 0 and self._should_probe(active, context):
+        self.probing = k == 0 and self._should_probe(active, context)
+        if self.probing:
             k = self._probe_depth()
+        elif k > 0:
+            self.explore_interval = 0  # speculating: the next stretch of plain decoding explores afresh
         self.decisions.append((active, k))
         return k
 
     def _should_probe(self, B: int, context: int = 0) -> bool:
         """Probe this (off) iteration? The schedule and conditions are in the field comments above."""
         cold = self.acceptance.observed < self.min_evidence
-        every = self.probe_every if cold else self.explore_every
+        every = self.probe_every if cold else (self.explore_interval or self.explore_every)
         if every <= 0 or self.iteration % every:
             return False
         plain = self.predicted_throughput(B, 0, context=context)
@@ -312,6 +332,11 @@ class AdaptiveK:
             self.acceptance.update(stats.accepted_at, stats.drafted_at)
             cell = self.by_cell.setdefault(self._grid_cell(stats.active), self.acceptance.empty_like())
             cell.update(stats.accepted_at, stats.drafted_at)
+            if self.probing and self.acceptance.observed >= self.min_evidence:
+                still_off = self.best(stats.active, self.last_context) == 0
+                base = self.explore_interval or self.explore_every
+                self.explore_interval = min(2 * base, self.explore_max_every) if still_off else 0
+        self.probing = False
 
     def _grid_cell(self, B: int) -> int:
         return sum(1 for b in self.profile.batch_sizes if b <= B)

@@ -87,7 +87,7 @@ def policy_state(policy: object | None) -> dict | None:
     if isinstance(policy, AdaptiveK):
         return {"acceptance": policy.acceptance.state(), "current": policy.current, "dwell": policy.dwell,
                 "last_batch": policy.last_batch, "iteration": policy.iteration, "profile": policy.profile.to_dict(),
-                "explore_interval": policy.explore_interval,
+                "explore_intervals": {str(c): v for c, v in policy.explore_intervals.items()},
                 "acceptance_by_cell": {str(c): m.state() for c, m in policy.by_cell.items()}}
     return None
 
@@ -101,7 +101,7 @@ def load_policy_state(policy: object | None, s: dict | None) -> None:
         policy.acceptance.load_state(s["acceptance"])
         policy.current, policy.dwell, policy.last_batch = s["current"], s["dwell"], s["last_batch"]
         policy.iteration = s.get("iteration", 0)
-        policy.explore_interval = s.get("explore_interval", 0)
+        policy.explore_intervals = {int(c): int(v) for c, v in s.get("explore_intervals", {}).items()}
         policy.by_cell = {}
         for c, st in s.get("acceptance_by_cell", {}).items():
             policy.by_cell[int(c)] = policy.acceptance.empty_like()

@@ -19,9 +19,12 @@ alpha_j is the acceptance rate of draft position j given every earlier draft was
 exponentially weighted average of the engine's counts (it follows the drafter as it learns and the
 actor as it changes). Costs between profiled batch sizes are interpolated linearly in log2(B).
 
-Oscillation is damped two ways (SGLang's adaptive speculation uses the same ideas): a new choice
-must beat the current one's predicted throughput by `switch_margin`, and a choice is held for at
-least `min_dwell` iterations unless the active batch has crossed a profiled grid point since.
+Oscillation is damped two ways (SGLang's adaptive speculation uses the same ideas): at a steady
+batch size a new choice must beat the current one's predicted throughput by `switch_margin`, and a
+choice is held for at least `min_dwell` iterations. When the active batch crosses into another cell
+of the profile's grid (1, 2-3, 4-7, ...) the choice is made afresh: the previous one was made for a
+different regime (a rollout's one-row tail hands its k = 3 to the next rollout's 64 rows, where
+plain decoding predicted only 3% ahead, inside the switch margin, and k = 3 held on).
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class CostProfile:
     device: str = ""
     model: str = ""
     dtype: str = ""
+    # (B, context) -> round_costs(B, context) at the profiled contexts; filled on first use (the
+    # controller asks every decode iteration: recomputing the interpolations cost ~0.1-0.2 ms)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _interp(self, table: dict[int, float], B: int) -> float:
         bs = sorted(table)
@@ -111,6 +117,27 @@ class CostProfile:
         """One plain decode iteration: the forward of one token per row (sampling included) plus the
         engine's bookkeeping around it."""
         return self.verify_cost(B, 1, context) + self.iteration_cost(B)
+
+    def round_costs(self, B: int, context: int = 0) -> list[float]:
+        """[plain iteration, speculative round with k = 1 .. max_k] in seconds at B rows and a
+        `context`-token KV length. Every cost is linear in the verify cost, which is linear in the
+        context between profiled contexts, so the totals at the profiled contexts (memoized per B)
+        interpolate exactly as verify_cost does."""
+        ns = self.contexts
+        if not context or len(ns) < 2:
+            return self._costs_at(B, 0)
+        if context <= ns[0]:
+            return self._costs_at(B, ns[0])
+        lo, hi = next(((a, b) for a, b in zip(ns, ns[1:]) if context <= b), (ns[-2], ns[-1]))
+        w = (context - lo) / (hi - lo)
+        return [a + (b - a) * w for a, b in zip(self._costs_at(B, lo), self._costs_at(B, hi))]
+
+    def _costs_at(self, B: int, n: int) -> list[float]:
+        costs = self._memo.get((B, n))
+        if costs is None:
+            costs = self._memo[(B, n)] = [self.plain_cost(B, n)] + [self.spec_round_cost(B, k, n)
+                                                                     for k in range(1, self.max_k + 1)]
+        return costs
 
     def round_cost(self, B: int) -> float:
         return self._interp(self.round_overhead, B) if self.round_overhead else 0.0
@@ -192,11 +219,15 @@ class AcceptanceModel:
         return self.accepted[j] / self.reached[j] if self.reached[j] > 0 else self.prior
 
     def tau(self, k: int) -> float:
-        total, run = 1.0, 1.0
+        return self.taus(k)[k]
+
+    def taus(self, k: int) -> list[float]:
+        """[tau(0) = 1, tau(1), .., tau(k)] in one pass."""
+        out, run = [1.0], 1.0
         for j in range(k):
             run *= self.alpha(j)
-            total += run
-        return total
+            out.append(out[-1] + run)
+        return out
 
     def state(self) -> dict:
         return {"accepted": list(self.accepted), "reached": list(self.reached), "observed": self.observed}
@@ -229,8 +260,10 @@ class AdaptiveK:
     # plain decoding at step 358 and never drafted again (generation 1.1-1.3 s per step after, vs
     # 0.8-0.9 s before). A probe costs at most (1 - explore_floor) of one iteration, every
     # explore_every iterations; explore_every = 0 turns exploration off.
-    # Probes back off: a probe after which plain decoding still predicts best doubles the interval
-    # (up to explore_max_every); one that switches speculation on resets it. A probe also pays the
+    # Probes back off, per batch-size cell: a probe after which plain decoding still predicts best
+    # doubles that cell's interval (up to explore_max_every); one that turns speculation on there
+    # resets it. (Per cell, because every rollout ends in a one-row tail that speculates: a single
+    # interval would be reset by it each rollout.) A probe also pays the
     # drafter's catch-up over every token decoded since it last ran, which at 64 rows made a probe
     # every 32 iterations cost ~14% of plain throughput in a batch that stays off (`respec bench
     # adaptive`, fixed 64 rows: 0.86x of plain with 94% of iterations plain).
@@ -240,7 +273,7 @@ class AdaptiveK:
     explore_every: int = 32  # 0 = no exploration once min_evidence rows are seen
     explore_max_every: int = 1024
     explore_floor: float = 0.75
-    explore_interval: int = 0  # the current interval between probes (0: explore_every)
+    explore_intervals: dict[int, int] = field(default_factory=dict)  # grid cell -> interval (default explore_every)
     probing: bool = False  # the last choice was a probe
     last_context: int = 0
     current: int = -1  # -1: nothing chosen yet
@@ -261,9 +294,8 @@ class AdaptiveK:
     def predicted_throughput(self, B: int, k: int, acc: AcceptanceModel | None = None, context: int = 0) -> float:
         """Tokens per second at B rows and a `context`-token KV length (0: the profile's own);
         acc = acceptance_at(B) unless the caller already has it."""
-        if k == 0:
-            return B / self.profile.plain_cost(B, context)
-        return B * (acc or self.acceptance_at(B)).tau(k) / self.profile.spec_round_cost(B, k, context)
+        cost = self.profile.round_costs(B, context)[k]
+        return B / cost if k == 0 else B * (acc or self.acceptance_at(B)).tau(k) / cost
 
     def acceptance_at(self, B: int) -> AcceptanceModel:
         """The acceptance estimate for B active rows: its cell's, once that has enough evidence."""
@@ -284,7 +316,8 @@ class AdaptiveK:
         draft risks less."""
         ks = range(0, min(self.max_k, self.profile.max_k, self.acceptance.max_k) + 1)
         acc = self.acceptance_at(B)  # once per decision, not once per candidate k
-        thr = [self.predicted_throughput(B, k, acc, context) for k in ks]
+        costs, taus = self.profile.round_costs(B, context), acc.taus(ks[-1])
+        thr = [B * taus[k] / costs[k] for k in ks]
         if len(thr) == 1 or thr[0] * (1 + self.shallow_margin) >= max(thr):
             return 0
         top = max(thr[1:])
@@ -295,10 +328,12 @@ class AdaptiveK:
         tokens (prompt + generated; 0 = unknown, priced at the profile's own context)."""
         best = self.best(active, context)
         crossed = self._grid_cell(active) != self._grid_cell(self.last_batch)
-        if self.current < 0 or crossed or self.dwell >= self.min_dwell:
+        if self.current < 0 or crossed:
+            self.current, self.dwell = best, 0
+        elif self.dwell >= self.min_dwell and best != self.current:
             gain = (self.predicted_throughput(active, best, context=context)
-                    / self.predicted_throughput(active, max(self.current, 0), context=context))
-            if self.current < 0 or (best != self.current and gain > 1 + self.switch_margin):
+                    / self.predicted_throughput(active, self.current, context=context))
+            if gain > 1 + self.switch_margin:
                 self.current, self.dwell = best, 0
         self.dwell += 1
         self.last_batch, self.last_context = active, context
@@ -307,20 +342,18 @@ class AdaptiveK:
         self.probing = k == 0 and self._should_probe(active, context)
         if self.probing:
             k = self._probe_depth()
-        elif k > 0:
-            self.explore_interval = 0  # speculating: the next stretch of plain decoding explores afresh
         self.decisions.append((active, k))
         return k
 
     def _should_probe(self, B: int, context: int = 0) -> bool:
         """Probe this (off) iteration? The schedule and conditions are in the field comments above."""
         cold = self.acceptance.observed < self.min_evidence
-        every = self.probe_every if cold else (self.explore_interval or self.explore_every)
+        every = self.probe_every if cold else self.explore_intervals.get(self._grid_cell(B), self.explore_every)
         if every <= 0 or self.iteration % every:
             return False
         plain = self.predicted_throughput(B, 0, context=context)
         k = self._probe_depth()
-        if B * (k + 1) / self.profile.spec_round_cost(B, k, context) <= plain * (1 + self.switch_margin):
+        if B * (k + 1) / self.profile.round_costs(B, context)[k] <= plain * (1 + self.switch_margin):
             return False  # cannot pay even if every draft were accepted
         return cold or self.predicted_throughput(B, k, context=context) >= self.explore_floor * plain
 
@@ -333,9 +366,12 @@ class AdaptiveK:
             cell = self.by_cell.setdefault(self._grid_cell(stats.active), self.acceptance.empty_like())
             cell.update(stats.accepted_at, stats.drafted_at)
             if self.probing and self.acceptance.observed >= self.min_evidence:
-                still_off = self.best(stats.active, self.last_context) == 0
-                base = self.explore_interval or self.explore_every
-                self.explore_interval = min(2 * base, self.explore_max_every) if still_off else 0
+                c = self._grid_cell(stats.active)
+                if self.best(stats.active, self.last_context) == 0:  # still off: probe here less often
+                    base = self.explore_intervals.get(c, self.explore_every)
+                    self.explore_intervals[c] = min(2 * base, self.explore_max_every)
+                else:
+                    self.explore_intervals.pop(c, None)
         self.probing = False
 
     def _grid_cell(self, B: int) -> int:

@@ -283,6 +283,12 @@ def test_costs_follow_the_context_between_and_beyond_the_profiled_ones():
     assert abs(p.verify_cost(64, 1, 640) - (0.002 + 0.0064 + 0.0000004 * 64 * 640)) < 1e-12  # linear above
     again = CostProfile.from_dict(p.to_dict())  # what checkpoints and the cache store
     assert again.verify_cost(64, 4, 200) == p.verify_cost(64, 4, 200) and again.context == 128
+    # the controller's memoized totals interpolate exactly as the per-term costs do
+    for B in (1, 3, 64, 100):
+        for n in (0, 10, 32, 80, 128, 300, 384, 640):
+            costs = p.round_costs(B, n)
+            assert abs(costs[0] - p.plain_cost(B, n)) < 1e-12
+            assert all(abs(costs[k] - p.spec_round_cost(B, k, n)) < 1e-12 for k in range(1, p.max_k + 1))
 
 
 def test_large_batches_speculate_only_where_the_context_makes_plain_decoding_expensive():
@@ -329,6 +335,51 @@ def test_probes_back_off_where_they_keep_confirming_plain_decoding():
     # a probe that switches speculation on resets the interval (here: acceptance jumps to 0.9)
     c = fresh()
     run(c, 1500)
-    assert c.explore_interval == c.explore_max_every
+    cell = c._grid_cell(64)
+    assert c.explore_intervals == {cell: c.explore_max_every}
     ks = run(c, 4200, alpha=0.92)  # a probe every 1024 iterations now: a few to see it
-    assert c.current > 0 and c.explore_interval == 0 and set(ks[-50:]) == {c.current}
+    assert c.current > 0 and cell not in c.explore_intervals and set(ks[-50:]) == {c.current}
+
+
+def test_a_new_batch_size_regime_is_decided_afresh_not_held_by_hysteresis():
+    """A rollout's small-batch tail leaves k = 1 chosen; the next rollout starts at 64 rows, where
+    plain decoding is predicted 4.8% ahead of k = 1: inside the switch margin, so hysteresis alone
+    would keep k = 1 there. Crossing into another grid cell decides afresh."""
+    acc = AcceptanceModel()
+    acc.accepted, acc.reached, acc.observed = [0.8 * 1000] * 8, [1000.0] * 8, 1000
+    c = AdaptiveK(cpu_like_profile(), acceptance=acc)
+    assert [c.choose(8) for _ in range(6)] == [1] * 6
+    gain = c.predicted_throughput(64, 0) / c.predicted_throughput(64, 1)
+    assert 1.0 < gain < 1 + c.switch_margin
+    assert c.choose(64) == 0
+    # and at a steady batch size the margin still holds a choice against a small predicted gain
+    held = AdaptiveK(cpu_like_profile(), acceptance=acc, current=1, last_batch=64, dwell=10)
+    assert held.choose(64) == 1
+
+
+def test_probe_backoff_is_kept_per_batch_size_cell():
+    """Every rollout ends in a one-row tail that speculates; that must not reset the backoff of the
+    64-row cell, whose probes keep confirming plain decoding."""
+    prof = flat_profile()
+    acc = AcceptanceModel()
+    acc.accepted, acc.reached, acc.observed = [0.62 * 500] * 8, [500.0] * 8, 500
+    c = AdaptiveK(prof, acceptance=acc)
+    tail = acc.empty_like()  # the tail's own cell accepts nearly everything: it speculates
+    tail.accepted, tail.reached, tail.observed = [0.97 * 500] * 8, [500.0] * 8, 500
+    c.by_cell[c._grid_cell(1)] = tail
+    probes_at_64, tail_ks = 0, []
+    for rollout in range(12):
+        for _ in range(200):  # 64 rows, off; probes report acceptance 0.62
+            k = c.choose(64)
+            if k:
+                probes_at_64 += 1
+                c.observe(SimpleNamespace(k=k, active=64, accepted_at=[round(64 * 0.62 ** (j + 1)) for j in range(k)],
+                                          drafted_at=[64] * k))
+        for _ in range(20):  # the one-row tail
+            k = c.choose(1)
+            tail_ks.append(k)
+            if k:
+                c.observe(SimpleNamespace(k=k, active=1, accepted_at=[1] * k, drafted_at=[1] * k))
+    assert min(tail_ks) > 0
+    assert c.explore_intervals.get(c._grid_cell(64)) == c.explore_max_every
+    assert probes_at_64 <= 8  # vs 2400 / 32 = 75 without backoff

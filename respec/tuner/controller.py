@@ -83,19 +83,27 @@ class CostProfile:
     def _verify_at(self, table: dict[int, dict[int, float]], B: int, q: int) -> float:
         return self._interp({b: v[q] for b, v in table.items() if q in v}, B)
 
-    def verify_cost(self, B: int, q: int, context: int = 0) -> float:
-        """One target forward of q tokens per row at B rows, reading `context` KV positions (0 or a
-        single-context profile: the profile's own context). Linear in the context between measured
-        contexts, extrapolated linearly above the longest, clamped below the shortest."""
+    def _context_mix(self, context: int) -> tuple[int, int, float] | None:
+        """(lo, hi, w): a cost at `context` KV tokens is (1 - w) * its cost at lo + w * its cost at
+        hi, two profiled contexts: linear between them, extrapolated linearly above the longest,
+        clamped below the shortest. None: price at the reference table (context 0 = unknown, or a
+        single-context profile)."""
         ns = self.contexts
         if not context or len(ns) < 2:
-            return self._verify_at(self.verify, B, q)
+            return None
         if context <= ns[0]:
-            return self._verify_at(self.verify_by_context[ns[0]], B, q)
+            return ns[0], ns[0], 0.0
         lo, hi = next(((a, b) for a, b in zip(ns, ns[1:]) if context <= b), (ns[-2], ns[-1]))
-        c_lo = self._verify_at(self.verify_by_context[lo], B, q)
-        c_hi = self._verify_at(self.verify_by_context[hi], B, q)
-        return c_lo + (c_hi - c_lo) * (context - lo) / (hi - lo)
+        return lo, hi, (context - lo) / (hi - lo)
+
+    def verify_cost(self, B: int, q: int, context: int = 0) -> float:
+        """One target forward of q tokens per row at B rows, reading `context` KV positions."""
+        mix = self._context_mix(context)
+        if mix is None:
+            return self._verify_at(self.verify, B, q)
+        lo, hi, w = mix
+        c_lo, c_hi = self._verify_at(self.verify_by_context[lo], B, q), self._verify_at(self.verify_by_context[hi], B, q)
+        return c_lo + (c_hi - c_lo) * w
 
     def draft_cost(self, B: int, k: int = 1) -> float:
         """Seconds for a k-token proposal at B rows (profiled per k, else k one-step proposals)."""
@@ -123,13 +131,10 @@ class CostProfile:
         `context`-token KV length. Every cost is linear in the verify cost, which is linear in the
         context between profiled contexts, so the totals at the profiled contexts (memoized per B)
         interpolate exactly as verify_cost does."""
-        ns = self.contexts
-        if not context or len(ns) < 2:
+        mix = self._context_mix(context)
+        if mix is None:
             return self._costs_at(B, 0)
-        if context <= ns[0]:
-            return self._costs_at(B, ns[0])
-        lo, hi = next(((a, b) for a, b in zip(ns, ns[1:]) if context <= b), (ns[-2], ns[-1]))
-        w = (context - lo) / (hi - lo)
+        lo, hi, w = mix
         return [a + (b - a) * w for a, b in zip(self._costs_at(B, lo), self._costs_at(B, hi))]
 
     def _costs_at(self, B: int, n: int) -> list[float]:
@@ -263,10 +268,10 @@ class AdaptiveK:
     # Probes back off, per batch-size cell: a probe after which plain decoding still predicts best
     # doubles that cell's interval (up to explore_max_every); one that turns speculation on there
     # resets it. (Per cell, because every rollout ends in a one-row tail that speculates: a single
-    # interval would be reset by it each rollout.) A probe also pays the
-    # drafter's catch-up over every token decoded since it last ran, which at 64 rows made a probe
-    # every 32 iterations cost ~14% of plain throughput in a batch that stays off (`respec bench
-    # adaptive`, fixed 64 rows: 0.86x of plain with 94% of iterations plain).
+    # interval would be reset by it each rollout.) A probe also pays the drafter's catch-up over
+    # every token decoded since it last ran, which at 64 rows made a probe every 32 iterations cost
+    # ~14% of plain throughput in a batch that stays off (`respec bench adaptive`, fixed 64 rows:
+    # 0.86x of plain with 94% of iterations plain).
     probe_every: int = 8
     probe_k: int = 3
     min_evidence: int = 16

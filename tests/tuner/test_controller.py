@@ -173,6 +173,25 @@ def flat_profile() -> CostProfile:
     return CostProfile(GRID, flat, {B: 0.0005 for B in GRID}, round_overhead={B: 0.004 for B in GRID})
 
 
+def seen(alpha: float, rows: int = 500) -> AcceptanceModel:
+    """An acceptance model that has seen `rows` rows accepting alpha at every position."""
+    acc = AcceptanceModel()
+    acc.accepted, acc.reached, acc.observed = [alpha * rows] * 8, [float(rows)] * 8, rows
+    return acc
+
+
+def run_at(c: AdaptiveK, n: int, B: int, alpha: float) -> list[int]:
+    """n iterations at B rows; speculative ones report drafts accepted at alpha (expected counts)."""
+    ks = []
+    for _ in range(n):
+        k = c.choose(B)
+        ks.append(k)
+        if k:
+            c.observe(SimpleNamespace(k=k, active=B, accepted_at=[round(B * alpha ** (j + 1)) for j in range(k)],
+                                      drafted_at=[B] * k))
+    return ks
+
+
 def test_exploration_corrects_an_estimate_learned_only_in_the_tail():
     """Acceptance learned at small batches (long, hard responses: alpha 0.62) says k=3 cannot pay at
     32 rows; the full batch's drafts are accepted at 0.85, where k=3 gains ~25%. Periodic probes at
@@ -180,27 +199,15 @@ def test_exploration_corrects_an_estimate_learned_only_in_the_tail():
     prof = flat_profile()
 
     def tail_biased(**kw) -> AdaptiveK:
-        acc = AcceptanceModel()
-        acc.accepted, acc.reached, acc.observed = [0.62 * 500] * 8, [500.0] * 8, 500
-        return AdaptiveK(prof, acceptance=acc, **{"explore_every": 32, **kw})
-
-    def run_full_batch(c: AdaptiveK, n: int, alpha: float = 0.85, B: int = 32) -> list[int]:
-        ks = []
-        for _ in range(n):
-            k = c.choose(B)
-            ks.append(k)
-            if k:
-                c.observe(SimpleNamespace(k=k, active=B, accepted_at=[round(B * alpha ** (j + 1)) for j in range(k)],
-                                          drafted_at=[B] * k))
-        return ks
+        return AdaptiveK(prof, acceptance=seen(0.62), **{"explore_every": 32, **kw})
 
     assert tail_biased().best(32) == 0
     explored = tail_biased()
-    ks = run_full_batch(explored, 600)
+    ks = run_at(explored, 600, B=32, alpha=0.85)
     assert explored.current >= 2 and set(ks[-100:]) == {explored.current}
     assert sum(1 for k in ks[:64] if k) <= 2  # probes are rare: every explore_every-th iteration
     never = tail_biased(explore_every=0)
-    assert set(run_full_batch(never, 600)) == {0}
+    assert set(run_at(never, 600, B=32, alpha=0.85)) == {0}
 
 
 def test_a_long_small_batch_tail_does_not_erase_what_the_full_batch_showed():
@@ -312,20 +319,11 @@ def test_probes_back_off_where_they_keep_confirming_plain_decoding():
     broken variant without backoff probes every explore_every iterations for ever."""
     prof = flat_profile()
 
-    def run(c: AdaptiveK, n: int = 3000, alpha: float = 0.62, B: int = 64) -> list[int]:
-        ks = []
-        for _ in range(n):
-            k = c.choose(B)
-            ks.append(k)
-            if k:
-                c.observe(SimpleNamespace(k=k, active=B, accepted_at=[round(B * alpha ** (j + 1)) for j in range(k)],
-                                          drafted_at=[B] * k))
-        return ks
+    def run(c: AdaptiveK, n: int = 3000, alpha: float = 0.62) -> list[int]:
+        return run_at(c, n, B=64, alpha=alpha)
 
     def fresh(**kw) -> AdaptiveK:
-        acc = AcceptanceModel()
-        acc.accepted, acc.reached, acc.observed = [0.62 * 500] * 8, [500.0] * 8, 500
-        return AdaptiveK(prof, acceptance=acc, **kw)
+        return AdaptiveK(prof, acceptance=seen(0.62), **kw)
 
     assert fresh().predicted_throughput(64, 3) >= fresh().explore_floor * fresh().predicted_throughput(64, 0)
     backed_off, flat = run(fresh()), run(fresh(explore_max_every=32))
@@ -345,8 +343,7 @@ def test_a_new_batch_size_regime_is_decided_afresh_not_held_by_hysteresis():
     """A rollout's small-batch tail leaves k = 1 chosen; the next rollout starts at 64 rows, where
     plain decoding is predicted 4.8% ahead of k = 1: inside the switch margin, so hysteresis alone
     would keep k = 1 there. Crossing into another grid cell decides afresh."""
-    acc = AcceptanceModel()
-    acc.accepted, acc.reached, acc.observed = [0.8 * 1000] * 8, [1000.0] * 8, 1000
+    acc = seen(0.8, rows=1000)
     c = AdaptiveK(cpu_like_profile(), acceptance=acc)
     assert [c.choose(8) for _ in range(6)] == [1] * 6
     gain = c.predicted_throughput(64, 0) / c.predicted_throughput(64, 1)
@@ -360,21 +357,11 @@ def test_a_new_batch_size_regime_is_decided_afresh_not_held_by_hysteresis():
 def test_probe_backoff_is_kept_per_batch_size_cell():
     """Every rollout ends in a one-row tail that speculates; that must not reset the backoff of the
     64-row cell, whose probes keep confirming plain decoding."""
-    prof = flat_profile()
-    acc = AcceptanceModel()
-    acc.accepted, acc.reached, acc.observed = [0.62 * 500] * 8, [500.0] * 8, 500
-    c = AdaptiveK(prof, acceptance=acc)
-    tail = acc.empty_like()  # the tail's own cell accepts nearly everything: it speculates
-    tail.accepted, tail.reached, tail.observed = [0.97 * 500] * 8, [500.0] * 8, 500
-    c.by_cell[c._grid_cell(1)] = tail
+    c = AdaptiveK(flat_profile(), acceptance=seen(0.62))
+    c.by_cell[c._grid_cell(1)] = seen(0.97)  # the tail's own cell accepts nearly everything: it speculates
     probes_at_64, tail_ks = 0, []
     for rollout in range(12):
-        for _ in range(200):  # 64 rows, off; probes report acceptance 0.62
-            k = c.choose(64)
-            if k:
-                probes_at_64 += 1
-                c.observe(SimpleNamespace(k=k, active=64, accepted_at=[round(64 * 0.62 ** (j + 1)) for j in range(k)],
-                                          drafted_at=[64] * k))
+        probes_at_64 += sum(map(bool, run_at(c, 200, B=64, alpha=0.62)))  # 64 rows, off; probes see 0.62
         for _ in range(20):  # the one-row tail
             k = c.choose(1)
             tail_ks.append(k)

@@ -368,11 +368,10 @@ class AdaptiveK:
 
     def observe(self, stats) -> None:
         if stats.k > 0:
+            c = self._grid_cell(stats.active)
             self.acceptance.update(stats.accepted_at, stats.drafted_at)
-            cell = self.by_cell.setdefault(self._grid_cell(stats.active), self.acceptance.empty_like())
-            cell.update(stats.accepted_at, stats.drafted_at)
+            self.by_cell.setdefault(c, self.acceptance.empty_like()).update(stats.accepted_at, stats.drafted_at)
             if self.probing and self.acceptance.observed >= self.min_evidence:
-                c = self._grid_cell(stats.active)
                 if self.best(stats.active, self.last_context) == 0:  # still off: probe here less often
                     base = self.explore_intervals.get(c, self.explore_every)
                     self.explore_intervals[c] = min(2 * base, self.explore_max_every)

@@ -80,30 +80,30 @@ def _running_max(table: dict, keys) -> None:
         run = table[key] = max(run, table[key])
 
 
+def _running_max_across(rows: dict[int, dict[int, float]]) -> None:
+    """rows[key][q] becomes non-decreasing in key (keys in order of work), for every q."""
+    keys = sorted(rows)
+    for q in rows[keys[0]]:
+        column = {key: rows[key][q] for key in keys}
+        _running_max(column, keys)
+        for key in keys:
+            rows[key][q] = column[key]
+
+
 def _monotone(profile: CostProfile) -> CostProfile:
     """Costs cannot fall as work grows: verify[B][q] and draft_k[B][k] become non-decreasing in
     q / k and in B, draft[B] in B, verify_by_context[n][B][q] also in n (running maxima), so timing
     noise cannot invent a cheap point."""
-    tables = [profile.verify, profile.draft_k, *profile.verify_by_context.values()]
-    for grid in tables:
+    by_context = profile.verify_by_context
+    for grid in (profile.verify, profile.draft_k, *by_context.values()):
         if not grid:
             continue
-        bs = sorted(grid)
-        for B in bs:  # more query tokens / drafts per row cost more ...
+        for B in grid:  # more query tokens / drafts per row cost more ...
             _running_max(grid[B], sorted(grid[B]))
-        for q in sorted(grid[bs[0]]):  # ... and so do more rows
-            column = {B: grid[B][q] for B in bs}
-            _running_max(column, bs)
-            for B in bs:
-                grid[B][q] = column[B]
+        _running_max_across(grid)  # ... and so do more rows
     _running_max(profile.draft, sorted(profile.draft))
-    ns = sorted(profile.verify_by_context)  # ... and so do longer contexts
-    for B in profile.verify_by_context.get(ns[0], {}) if ns else ():
-        for q in profile.verify_by_context[ns[0]][B]:
-            column = {n: profile.verify_by_context[n][B][q] for n in ns}
-            _running_max(column, ns)
-            for n in ns:
-                profile.verify_by_context[n][B][q] = column[n]
+    for B in by_context[min(by_context)] if by_context else ():  # ... and longer contexts
+        _running_max_across({n: table[B] for n, table in by_context.items()})
     return profile
 
 

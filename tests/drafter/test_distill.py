@@ -13,6 +13,7 @@ from respec.drafter.base import DraftContext
 from respec.drafter.distill import (
     DistillConfig,
     Sample,
+    TeacherPool,
     collect_samples,
     distill_loss,
     measure_acceptance,
@@ -40,6 +41,22 @@ def test_collect_and_teacher_force_layout(target):
         assert tb.tokens[b, : len(s.tokens)].tolist() == list(s.tokens)
         assert tb.loss_mask[b].nonzero()[:, 0].tolist() == list(range(s.prompt_len - 1, len(s.tokens) - 1))
     torch.testing.assert_close(tb.logprobs.exp().sum(-1), torch.ones(B, T))
+
+
+def test_teacher_pool_batches_equal_a_per_batch_teacher_force(target):
+    """The pool forwarded once (length-sorted chunks) serves any batch of it as teacher_force would."""
+    pool = collect_samples(target, None, _prompts(9, 5), n_per_prompt=2, max_new_tokens=10, seed=5)
+    assert len({len(s.tokens) for s in pool}) > 3  # ragged, so chunks and batches pad differently
+    tp = TeacherPool(target, pool, (0, 1, 1), pad_id=0, chunk=4)
+    for rows in ([0, 5, 11, 17], [3], list(range(18))[::-1]):
+        got, want = tp.batch(rows), teacher_force(target, [pool[i] for i in rows], (0, 1, 1), pad_id=0)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.loss_mask, want.loss_mask)
+        assert torch.equal(got.lengths, want.lengths)
+        valid = torch.arange(want.tokens.shape[1])[None, :] < want.lengths[:, None]
+        for g, w in ((got.features[valid], want.features[valid]), (got.logprobs[valid], want.logprobs[valid])):
+            # fp32 summation order only: 2e-5 relative, 1e-6 of the scale (this random target's features reach ~300)
+            torch.testing.assert_close(g, w, atol=1e-6 * float(w.abs().max()), rtol=2e-5)
+        assert not got.features[~valid].any()  # padding is zeros, never another row's values
 
 
 def test_loss_is_aligned_with_the_engine_round(target):

@@ -277,6 +277,9 @@ class TrainDataConfig:
     answer_field: str = _help("column renamed to 'answer' (what the built-in exact_answer reward reads)", "answer")
     chat_template: bool = _help("apply the checkpoint's chat template to text prompts", False)
     task_seed: int = _help("seed of the built-in task's problem stream and held-out set", 0)
+    stratify_families: bool = _help(
+        "built-in task: every run of consecutive training prompts holds the family weights (a low-discrepancy "
+        "sequence) instead of independent draws; the held-out set is unchanged", True)
 
 
 @dataclass(frozen=True)
@@ -429,7 +432,7 @@ class TrainOutputConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = _help("actor checkpoint (HF format); empty = the built-in actor", "")
-    steps: int = _help("training steps (one rollout batch each)", 400)
+    steps: int = _help("training steps (one rollout batch each)", 600)
     seed: int = _help("run seed: prompts, sampling and minibatch order derive from (seed, step, purpose)", 0)
     device: str = _help("cpu | cuda", "cpu")
     data: TrainDataConfig = _section(TrainDataConfig, "prompts")

@@ -130,7 +130,8 @@ def run_train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> 
             heldout = list(load_prompts(cfg.eval.dataset, cfg.data.prompt_field, cfg.data.answer_field))
             heldout = heldout[: cfg.eval.heldout]
     else:
-        task = ArithmeticTask(seed=cfg.data.task_seed, heldout_size=max(1000, cfg.eval.heldout))
+        task = ArithmeticTask(seed=cfg.data.task_seed, stratified=cfg.data.stratify_families,
+                              heldout_size=max(1000, cfg.eval.heldout))
         prompts = TaskPrompts(task)
         heldout = list(builtin_prompts(task, cfg.eval.heldout, heldout=True).records)
 

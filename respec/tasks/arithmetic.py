@@ -35,9 +35,15 @@ Families (the prompt is `Q: <expression>=\\n`):
                                then the shifted partial products are summed with add blocks
 
 Invariants:
-  * `problem(i)` is a pure function of (seed, i, families, weights, difficulty, heldout_size): each
-    problem draws from its own `random.Random` seeded by a hash of (stream, seed, index); there is
-    no global RNG and no order dependence.
+  * `problem(i)` is a pure function of (seed, i, families, weights, difficulty, heldout_size,
+    stratified): each problem draws from its own `random.Random` seeded by a hash of (stream, seed,
+    index); there is no global RNG and no order dependence.
+  * Families: drawn independently per problem (pretraining, distillation, the held-out set), or,
+    with `stratified=True` (the RL training stream by default, `data.stratify_families`), fixed by
+    a low-discrepancy sequence so that every window of consecutive problems holds the family
+    weights almost exactly. Why: family pass rates of the built-in actor run from 2% (chain) to 85%
+    (add), so the family mix of a window moved the training-reward curve by as much as the learning
+    did (default run, seed 0: the last 10% of steps drew a mix 0.021 harder than the first 10%).
   * The held-out set comes from a different seed stream, its prompts are distinct, and the
     training stream never yields one of its prompts (a clash is redrawn from the same per-problem
     RNG), so evaluation is on problems never seen in training.
@@ -209,6 +215,9 @@ DEFAULT_FAMILIES: tuple[str, ...] = ("add", "sub", "chain", "mul")
 DEFAULT_WEIGHTS: tuple[float, ...] = (0.35, 0.15, 0.15, 0.35)
 
 
+_GOLDEN = (5**0.5 - 1) / 2  # the stratified stream's Weyl step (the most evenly spread irrational)
+
+
 def _seed_for(stream: str, seed: int, index: int) -> int:
     """A stable 64-bit seed for one problem (Python's hash() of str is salted per process)."""
     key = f"respec.arithmetic|{stream}|{seed}|{index}".encode()
@@ -225,8 +234,10 @@ class ArithmeticTask:
         weights: Sequence[float] | None = None,
         difficulty: Difficulty = Difficulty(),
         heldout_size: int = 1000,
+        stratified: bool = False,
     ):
         self.seed = int(seed)
+        self.stratified = bool(stratified)
         self.families = tuple(families)
         unknown = [f for f in self.families if f not in FAMILIES]
         if not self.families or unknown:
@@ -250,10 +261,26 @@ class ArithmeticTask:
 
     def __repr__(self) -> str:
         return (f"ArithmeticTask(seed={self.seed}, families={self.families}, weights={self.weights}, "
-                f"difficulty={self.difficulty}, heldout_size={self.heldout_size})")
+                f"difficulty={self.difficulty}, heldout_size={self.heldout_size}"
+                + (", stratified=True)" if self.stratified else ")"))
 
-    def _draw(self, rng: random.Random, problem_id: str) -> Problem:
-        family = rng.choices(self.families, weights=self.weights)[0]
+    def _stratum(self, index: int) -> str:
+        """The family of training problem `index` in a stratified stream: a Weyl sequence
+        u_i = frac(offset + i * (sqrt(5) - 1) / 2) read through the cumulative weights. Any run of n
+        consecutive indices holds each family n * weight times up to a few (the golden-ratio
+        sequence has discrepancy O(log n)), where independent draws stray by sqrt(n * w * (1 - w))."""
+        offset = _seed_for("stratum", self.seed, 0) / 2.0**64
+        u = (offset + index * _GOLDEN) % 1.0
+        total, acc = sum(self.weights), 0.0
+        for family, w in zip(self.families, self.weights):
+            acc += w / total
+            if u < acc:
+                return family
+        return [f for f, w in zip(self.families, self.weights) if w > 0][-1]  # u within rounding of 1
+
+    def _draw(self, rng: random.Random, problem_id: str, family: str | None = None) -> Problem:
+        if family is None:
+            family = rng.choices(self.families, weights=self.weights)[0]
         expr, lines, value = FAMILIES[family](rng, self.difficulty)
         answer = str(value)
         solution = "\n".join(lines) + f"\n{ANSWER_MARKER}{answer}"
@@ -280,8 +307,9 @@ class ArithmeticTask:
         if index < 0:
             raise IndexError(f"problem index must be >= 0, got {index}")
         rng = random.Random(_seed_for("train", self.seed, index))
+        family = self._stratum(index) if self.stratified else None
         for _ in range(1000):
-            p = self._draw(rng, f"arith-s{self.seed}-{index}")
+            p = self._draw(rng, f"arith-s{self.seed}-{index}", family)
             if p.prompt not in self._heldout_prompts:
                 return p
         raise RuntimeError(f"problem {index}: every draw clashed with the held-out set of {self!r}")

@@ -147,6 +147,35 @@ def test_family_mix_follows_weights(stream):
     assert {p.family for p in only_add} == {"add"}
 
 
+def _window_errors(problems, task, n):
+    """Largest |count - n * weight| of any family over every window of n consecutive problems."""
+    total = sum(task.weights)
+    worst = 0.0
+    for start in range(0, len(problems) - n + 1):
+        counts = Counter(p.family for p in problems[start : start + n])
+        worst = max(worst, max(abs(counts[f] - n * w / total) for f, w in zip(task.families, task.weights)))
+    return worst
+
+
+def test_stratified_stream_holds_the_family_weights_in_every_window(stream):
+    task = ArithmeticTask(seed=0, stratified=True)
+    strat = task.problems(0, 2000)
+    # every 80-problem window (10 RL steps of 8 prompts) within 2 of its share, every 8-problem step within 1.25
+    assert _window_errors(strat, task, 80) <= 2.0
+    assert _window_errors(strat, task, 8) <= 1.25
+    # the independent stream strays far more (binomial sd ~4.3 at n=80): the check can fail
+    assert _window_errors(stream[:2000], ArithmeticTask(seed=0), 80) > 6
+    # still a pure function of the index, disjoint from the held-out set (which stays as it was)
+    assert [task.problem(i) for i in (1999, 7, 0)] == [strat[1999], strat[7], strat[0]]
+    assert task.heldout(1000) == ArithmeticTask(seed=0).heldout(1000)
+    assert not {p.prompt for p in task.heldout(1000)} & {p.prompt for p in strat}
+    for p in strat[:300]:
+        _verify(p)
+    assert ArithmeticTask(seed=1, stratified=True).problems(0, 50) != strat[:50]  # the offset follows the seed
+    weighted = ArithmeticTask(seed=2, families=("add", "mul"), weights=(3.0, 1.0), stratified=True)
+    assert _window_errors(weighted.problems(0, 400), weighted, 40) <= 2.0
+
+
 def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="unknown arithmetic families"):
         ArithmeticTask(families=("add", "div"))

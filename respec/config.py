@@ -279,7 +279,7 @@ class TrainDataConfig:
     task_seed: int = _help("seed of the built-in task's problem stream and held-out set", 0)
     stratify_families: bool = _help(
         "built-in task: every run of consecutive training prompts holds the family weights (a low-discrepancy "
-        "sequence) instead of independent draws; the held-out set is unchanged", True)
+        "sequence) instead of independent draws; the held-out set is unchanged", False)
 
 
 @dataclass(frozen=True)

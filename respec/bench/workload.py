@@ -109,8 +109,7 @@ def builtin_workload(k: int, sets: Sequence[str] = (), heldout: int = 0) -> RLWo
     drafter = load_drafter(drafter_dir, pre.model, actor_path=str(model_dir))
     if not isinstance(drafter, EagleDrafter):
         raise ValueError(f"{drafter_dir}: the online-drafter benchmarks need an EAGLE head")
-    task = ArithmeticTask(seed=cfg.data.task_seed, stratified=cfg.data.stratify_families,
-                          heldout_size=max(1000, cfg.eval.heldout, heldout))
+    task = TaskPrompts.task_for(cfg, heldout)
     tok = pre.tokenizer
     return RLWorkload(
         cfg=cfg, actor=pre.model, head=drafter.head, prompts=TaskPrompts(task),

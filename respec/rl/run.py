@@ -34,7 +34,6 @@ from ..config import ConfigValueError, TrainConfig, build, load_toml, merge, ove
 from ..io import atomic_write_text
 from ..models import load_pretrained, save_pretrained
 from ..rollout.engine import Engine, StaticK
-from ..tasks.arithmetic import ArithmeticTask
 from ..tasks.data import builtin_prompts, load_prompts
 from ..tasks.reward import CombinedReward
 from .metrics import MetricsLogger, truncate_metrics
@@ -130,8 +129,7 @@ def run_train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> 
             heldout = list(load_prompts(cfg.eval.dataset, cfg.data.prompt_field, cfg.data.answer_field))
             heldout = heldout[: cfg.eval.heldout]
     else:
-        task = ArithmeticTask(seed=cfg.data.task_seed, stratified=cfg.data.stratify_families,
-                              heldout_size=max(1000, cfg.eval.heldout))
+        task = TaskPrompts.task_for(cfg)
         prompts = TaskPrompts(task)
         heldout = list(builtin_prompts(task, cfg.eval.heldout, heldout=True).records)
 

@@ -137,6 +137,13 @@ class TaskPrompts:
     def batch(self, step: int, n: int) -> list[PromptRecord]:
         return list(builtin_prompts(self.task, n, start=step * n).records)
 
+    @staticmethod
+    def task_for(cfg: TrainConfig, heldout: int = 0) -> ArithmeticTask:
+        """The built-in task a train config names: its seed and family stream, and a held-out set
+        of at least 1,000 problems (and at least `heldout` and `eval.heldout`)."""
+        return ArithmeticTask(seed=cfg.data.task_seed, stratified=cfg.data.stratify_families,
+                              heldout_size=max(1000, cfg.eval.heldout, heldout))
+
 
 @dataclass
 class DatasetPrompts:

@@ -202,3 +202,17 @@ def test_summary_states_the_success_bar_with_a_paired_comparison():
     assert 0.05 >= 3 * se
     assert lines(0.3, 0.3, b, good)[1].endswith(": met") and "paired z" in lines(0.3, 0.3, b, good)[1]
     assert lines(0.3, 0.3, b, weak)[1].endswith("NOT met")
+
+
+def test_the_builtin_task_follows_the_data_config():
+    """data.task_seed and data.stratify_families reach the training stream; the held-out set is the
+    task seed's, stratified or not, and at least eval.heldout long."""
+    from respec.rl.trainer import TaskPrompts
+    from respec.tasks.arithmetic import ArithmeticTask
+
+    plain = TaskPrompts.task_for(train_config(data={"task_seed": 3}, eval={"heldout": 1500}))
+    strat = TaskPrompts.task_for(train_config(data={"task_seed": 3, "stratify_families": True}))
+    assert plain.problems(0, 40) == ArithmeticTask(seed=3).problems(0, 40)
+    assert strat.problems(0, 40) == ArithmeticTask(seed=3, stratified=True).problems(0, 40) != plain.problems(0, 40)
+    assert plain.heldout_size == 1500 and strat.heldout(1000) == plain.heldout(1000)
+    assert [r.prompt for r in TaskPrompts(strat).batch(2, 8)] == [p.prompt for p in strat.problems(16, 8)]

@@ -210,24 +210,29 @@ def collect_samples(
     return [Sample(r.request.prompt_ids + tuple(r.token_ids), len(r.request.prompt_ids)) for r in result.rollouts]
 
 
+def _padded(sequences: Sequence[Sample], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded tokens (B, T), the loss mask (B, T) of positions that predict a response token
+    (or eos), and the lengths (B,): the layout of every TeacherBatch."""
+    B, T = len(sequences), max(len(s.tokens) for s in sequences)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, s in enumerate(sequences):
+        tokens[b, : len(s.tokens)] = torch.tensor(s.tokens)
+        loss_mask[b, s.prompt_len - 1 : len(s.tokens) - 1] = True
+    lengths = torch.tensor([len(s.tokens) for s in sequences])
+    return tokens.to(device), loss_mask.to(device), lengths.to(device)
+
+
 @torch.no_grad()
 def teacher_force(
     actor: Transformer, sequences: Sequence[Sample], feature_layers: Sequence[int], pad_id: int = 0
 ) -> TeacherBatch:
     """Pad `sequences` and run ONE actor forward over them for features and log-probs."""
-    B, T = len(sequences), max(len(s.tokens) for s in sequences)
-    dev = actor.device
-    tokens = torch.full((B, T), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(B, T, dtype=torch.bool)
-    lengths = torch.tensor([len(s.tokens) for s in sequences])
-    for b, s in enumerate(sequences):
-        tokens[b, : len(s.tokens)] = torch.tensor(s.tokens)
-        loss_mask[b, s.prompt_len - 1 : len(s.tokens) - 1] = True  # predicts a response token (or eos)
-    tokens, loss_mask = tokens.to(dev), loss_mask.to(dev)
+    tokens, loss_mask, lengths = _padded(sequences, pad_id, actor.device)
     out = actor(tokens, hidden_layers=tuple(feature_layers))  # right padding: the causal mask hides it
     # temperature 1 without truncation: what sampling.transform gives at SamplingParams(1.0), in log space
     logprobs = out.logits.float().log_softmax(-1)  # (B, T, V)
-    return TeacherBatch(tokens, out.hidden, logprobs, loss_mask, lengths.to(dev))
+    return TeacherBatch(tokens, out.hidden, logprobs, loss_mask, lengths)
 
 
 class TeacherPool:
@@ -256,22 +261,16 @@ class TeacherPool:
                 self.logprobs[i] = tb.logprobs[row, :n].clone()
 
     def batch(self, indices: Sequence[int]) -> TeacherBatch:
-        seqs = [self.samples[i] for i in indices]
-        B, T = len(seqs), max(len(s.tokens) for s in seqs)
         f0, l0 = self.features[indices[0]], self.logprobs[indices[0]]
-        tokens = torch.full((B, T), self.pad_id, dtype=torch.long)
+        tokens, loss_mask, lengths = _padded([self.samples[i] for i in indices], self.pad_id, f0.device)
+        B, T = tokens.shape
         feats = f0.new_zeros(B, T, f0.shape[-1])
         logprobs = l0.new_zeros(B, T, l0.shape[-1])
-        loss_mask = torch.zeros(B, T, dtype=torch.bool)
-        for b, (i, s) in enumerate(zip(indices, seqs)):
-            n = len(s.tokens)
-            tokens[b, :n] = torch.tensor(s.tokens)
+        for b, i in enumerate(indices):
+            n = len(self.samples[i].tokens)
             feats[b, :n] = self.features[i]
             logprobs[b, :n] = self.logprobs[i]
-            loss_mask[b, s.prompt_len - 1 : n - 1] = True  # as teacher_force: predicts a response token
-        dev = f0.device
-        lengths = torch.tensor([len(s.tokens) for s in seqs], device=dev)
-        return TeacherBatch(tokens.to(dev), feats, logprobs, loss_mask.to(dev), lengths)
+        return TeacherBatch(tokens, feats, logprobs, loss_mask, lengths)
 
 
 @torch.no_grad()

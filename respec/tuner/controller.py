@@ -359,7 +359,7 @@ class AdaptiveK:
     def _should_probe(self, B: int, context: int = 0) -> bool:
         """Probe this (off) iteration? The schedule and conditions are in the field comments above."""
         cold = self.acceptance.observed < self.min_evidence
-        every = self.probe_every if cold else self.explore_intervals.get(self._grid_cell(B), self.explore_every)
+        every = self.probe_every if cold else self._interval(self._grid_cell(B))
         if every <= 0 or self.iteration % every:
             return False
         plain = self.predicted_throughput(B, 0, context=context)
@@ -381,11 +381,15 @@ class AdaptiveK:
         k = self.current
         if k >= min(self.max_k, self.profile.max_k, self.acceptance.max_k):
             return False
-        if self.iteration % self.explore_intervals.get(self._grid_cell(B), self.explore_every):
+        if self.iteration % self._interval(self._grid_cell(B)):
             return False
         acc = self.acceptance_at(B)
         return (self.predicted_throughput(B, k + 1, acc, context)
                 >= self.explore_floor * self.predicted_throughput(B, k, acc, context))
+
+    def _interval(self, cell: int) -> int:
+        """Iterations between probes in this batch-size cell (explore_every until it backs off)."""
+        return self.explore_intervals.get(cell, self.explore_every)
 
     def _probe_depth(self) -> int:
         return min(self.probe_k, self.max_k, self.profile.max_k, self.acceptance.max_k)
@@ -398,8 +402,7 @@ class AdaptiveK:
             if self.probing and self.acceptance.observed >= self.min_evidence:
                 # the probe confirmed the current choice (off, or this k): probe here less often
                 if self.best(stats.active, self.last_context) == self.current:
-                    base = self.explore_intervals.get(c, self.explore_every)
-                    self.explore_intervals[c] = min(2 * base, self.explore_max_every)
+                    self.explore_intervals[c] = min(2 * self._interval(c), self.explore_max_every)
                 else:
                     self.explore_intervals.pop(c, None)
         self.probing = False

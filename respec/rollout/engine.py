@@ -139,9 +139,20 @@ class StaticK:
         pass
 
 
-# A capture hook receives, per round, what was committed: (slots' request indices, positions,
-# features (N, F) or None, target probs (N, V), tokens (N,)). The online learner builds on it.
-CaptureFn = Callable[["Commit"], None]
+# A capture hook receives two kinds of events. At admission, a `Prefill` per batch of admitted
+# rows: the target features of their prompts (the drafter reads the prompt as context, so a learner
+# of it must see it too). Per round, a `Commit`: (slots' request indices, positions, features (N, F)
+# or None, target probs (N, V), tokens (N,)). The online learner builds on both.
+CaptureFn = Callable[["Prefill | Commit"], None]
+
+
+@dataclass
+class Prefill:
+    rollout_index: torch.Tensor  # (N,) index into the request list
+    features: torch.Tensor | None  # (N, P, F) target features at prompt inputs 0..len_i-1; a view
+    #                                 of the engine's buffer (copy what you keep); undefined past len_i
+    lengths: torch.Tensor  # (N,) prompt tokens prefilled per row (the prompt length - 1: the last
+    #                        prompt token is the first committed input, whose feature a Commit carries)
 
 
 @dataclass
@@ -282,6 +293,11 @@ class _BatchState:
             self.cache.copy_prefix(src, [i], n)
             if self.features is not None:
                 self.features[i, :n] = self.features[src, :n]
+        if self.e.capture is not None:
+            P = max(int(plen.max()), 0)
+            self.e.capture(Prefill(torch.tensor(order, device=self.dev),
+                                   self.features[lo : lo + len(order), :P] if self.features is not None else None,
+                                   torch.tensor([len(self.requests[ri].prompt_ids) - 1 for ri in order], device=self.dev)))
         for slot, ri in enumerate(order, start=lo):
             r = self.requests[ri]
             self.tokens[slot, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)

@@ -9,13 +9,14 @@ import math
 import pytest
 import torch
 
-from respec.drafter.distill import TopKTarget, distill_loss
+from respec.drafter.distill import Sample, TopKTarget, distill_loss, teacher_force
 from respec.drafter.learner import InlineLearner, LearnResult
 from respec.drafter.online import OnlineDistillConfig, OnlineDistiller, StalenessGuard
 from respec.drafter.replay import (
     ReplayBuffer,
     SequenceRecord,
     bytes_per_token,
+    collate,
     sample_weights,
     seeded_generator,
     select_rollouts,
@@ -28,8 +29,9 @@ from .online_helpers import T1, capture, distiller_step, requests
 
 # ---- capture -------------------------------------------------------------------------------------
 def test_collector_stores_what_teacher_forcing_gives(target):
-    """Per kept rollout, in position order: last prompt token + response, the target features (bf16)
-    and the top-k of the transformed target law of the next token, with the rest in 'other'."""
+    """Per kept rollout, in position order: prompt + response, the target features (bf16) at every
+    input (the prompt's from the engine's prefill), and for each committed position the top-k of the
+    transformed target law of the next token, with the rest in 'other'."""
     head = tiny_head(target)
     reqs = requests(6, max_new=14)
     keep = torch.tensor([True, False, True, True, False, True])
@@ -40,13 +42,14 @@ def test_collector_stores_what_teacher_forcing_gives(target):
     for rec, i in zip(records, kept):
         r = result.rollouts[i]
         P = len(r.request.prompt_ids)
-        assert rec.tokens.tolist() == [r.request.prompt_ids[-1]] + r.token_ids
+        assert rec.tokens.tolist() == list(r.request.prompt_ids) + r.token_ids
         seq = torch.tensor(list(r.request.prompt_ids) + r.token_ids)
         with torch.no_grad():
             out = target(seq[None], hidden_layers=head.cfg.feature_layers)
         n = len(r.token_ids)
-        assert rec.features.dtype == torch.bfloat16 and rec.features.shape == (n, 3 * 64)
-        torch.testing.assert_close(rec.features.float(), out.hidden[0, P - 1 : P - 1 + n], rtol=1e-2, atol=1e-2)
+        assert rec.context == P - 1 and rec.length == n
+        assert rec.features.dtype == torch.bfloat16 and rec.features.shape == (P - 1 + n, 3 * 64)
+        torch.testing.assert_close(rec.features.float(), out.hidden[0, : P - 1 + n], rtol=1e-2, atol=1e-2)
         probs = transform(out.logits[0, P - 1 : P - 1 + n], T1).probs  # (n, V)
         top = probs.topk(5, dim=-1)
         assert torch.equal(rec.topk_ids.long(), top.indices)
@@ -61,12 +64,33 @@ def test_bytes_per_token_is_what_records_hold(target):
     records, _, _ = capture(target, head, requests(4), top_k=8)
     per_token = bytes_per_token(64, 3, 8)
     assert per_token == 3 * 64 * 2 + 8 * 8 + 8
-    for r in records:  # + one int32: the last prompt token
-        assert r.nbytes == r.length * per_token + 4
+    for r in records:  # + the prompt as context: c bf16 features and c + 1 int32 tokens
+        assert r.context > 0
+        assert r.nbytes == r.length * per_token + r.context * (3 * 64 * 2 + 4) + 4
     # the figures the issue asks for (bf16 features, k = 16): built-in actor and a 7B model
     assert bytes_per_token(256, 3, 16) == 1672
     assert bytes_per_token(4096, 3, 16) == 24712
     assert 4096 * bytes_per_token(4096, 3, 16) == 101_220_352  # one 4K-token response
+
+
+def test_captured_batch_gives_the_offline_loss(target):
+    """The learner's view of captured rollouts is the offline distiller's: a collated batch (top-k =
+    the whole vocabulary) gives the loss and per-step acceptance of distill_loss on the teacher-forced
+    sequences, prompt in context. Fails on the old response-only records (context from the last
+    prompt token on), whose loss differs by far more than the bf16 rounding of the features."""
+    head = tiny_head(target).train()
+    records, result, _ = capture(target, head, requests(6, max_new=14), top_k=VOCAB)
+    batch = collate(records, torch.ones(len(records)))
+    samples = [Sample(tuple(r.request.prompt_ids) + tuple(r.token_ids), len(r.request.prompt_ids))
+               for r in result.rollouts]
+    tb = teacher_force(target, samples, head.cfg.feature_layers)
+    feats = tb.features.bfloat16().float()  # what the buffer stores
+    got_loss, got = distill_loss(head, target, batch.tokens, batch.features.float(), batch.target,
+                                 batch.loss_mask, depth=3)
+    want_loss, want = distill_loss(head, target, tb.tokens, feats, tb.logprobs, tb.loss_mask, depth=3)
+    assert got["tokens"] == want["tokens"]
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
+    assert got["alpha"] == pytest.approx(want["alpha"], abs=1e-5)
 
 
 def test_select_rollouts_keeps_the_fraction_deterministically():
@@ -112,9 +136,9 @@ def test_buffer_sample_budget_age_and_crop():
     long = ReplayBuffer(max_bytes=10**7)
     long.add([_record(50, 0)])
     (w,) = long.sample(8, seeded_generator(0, 2, "sample"))
-    assert w.length == 8 and w.tokens.shape == (9,)
-    start = int(w.tokens[0])  # tokens are arange: the window's first token is its start
-    assert w.tokens.tolist() == list(range(start, start + 9))
+    start = w.context  # everything before the window stays as context
+    assert w.length == 8 and 0 < start <= 42 and w.tokens.tolist() == list(range(start + 9))
+    assert w.features.shape[0] == start + 8 and float(w.features[0, 0]) == 0.0
 
 
 def test_buffer_state_round_trip():

@@ -270,6 +270,29 @@ def to_toml(obj: Any) -> str:
 # ---- RL training (`respec train`) ----------------------------------------------------------------
 # Sections of TrainConfig; `--rollout.group_size 8` on the command line, `[rollout] group_size = 8`
 # in TOML. The trainer (respec/rl) reads these and never restates a default.
+def parse_family_mix(text: str, key: str) -> tuple[tuple[str, ...], tuple[float, ...]] | None:
+    """"add=0.3,sub=0.4" -> (("add", "sub"), (0.3, 0.4)); "" -> None. ConfigValueError names `key`."""
+    from .tasks.arithmetic import FAMILIES
+
+    if not text.strip():
+        return None
+    names, weights = [], []
+    for item in text.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        try:
+            w = float(value) if sep else float("nan")
+        except ValueError:
+            w = float("nan")
+        if name not in FAMILIES or name in names or not (0 <= w < float("inf")):
+            raise ConfigValueError(f"{key} must be name=weight pairs with distinct names among {sorted(FAMILIES)} "
+                                   f"and finite weights >= 0, got {text!r} (at {item.strip()!r})")
+        names.append(name)
+        weights.append(w)
+    if sum(weights) <= 0:
+        raise ConfigValueError(f"{key} needs a positive total weight, got {text!r}")
+    return tuple(names), tuple(weights)
+
+
 @dataclass(frozen=True)
 class TrainDataConfig:
     dataset: str = _help("prompt file (.jsonl / .json / .parquet, TRL format); empty = the built-in arithmetic task", "")
@@ -280,6 +303,16 @@ class TrainDataConfig:
     stratify_families: bool = _help(
         "built-in task: every run of consecutive training prompts holds the family weights (a low-discrepancy "
         "sequence) instead of independent draws; the held-out set is unchanged", False)
+    family_mix: str = _help(
+        "built-in task: the families drawn and their relative weights, as name=weight pairs; the training stream "
+        "and the held-out set both follow it. Empty = the task's own mix, the one the built-in actor was pretrained "
+        "on (add=0.35,sub=0.15,chain=0.15,mul=0.35). The RL default leaves out chain (the base actor solves 2%: no "
+        "signal) and draws sub most, the family with the most room (README: the embedded default workload)",
+        "add=0.3,sub=0.4,mul=0.3")
+
+    def families(self) -> tuple[tuple[str, ...], tuple[float, ...]] | None:
+        """data.family_mix parsed: (families, weights), or None for the task's own mix (empty)."""
+        return parse_family_mix(self.family_mix, "data.family_mix")
 
 
 @dataclass(frozen=True)
@@ -317,7 +350,7 @@ class OnlineDistillOptions:
     top_k: int = _help("target log-probs kept per token (plus one 'other' bucket for the rest)", 16)
     tokens_per_update: int = _help("learner budget: committed tokens per update batch", 256)
     steps_per_update: int = _help("optimizer steps per update (over the same batch)", 1)
-    lr: float = _help("AdamW learning rate of the head (1e-3 knocked the offline-trained head off its optimum: drafter/online.py)", 1e-4)
+    lr: float = _help("AdamW learning rate of the head (1e-3 knocks the offline-trained head off its optimum: drafter/online.py)", 1e-4)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_grad_norm: float = _help("gradient clipping (0 = off)", 1.0)
     depth: int = _help("training-time-test unroll steps", 3)
@@ -455,6 +488,7 @@ class TrainConfig:
         r, rl, o, e = self.rollout, self.rl, self.optim, self.eval
         need(self.steps >= 1, "steps", ">= 1")
         need(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), "device", "cpu or cuda")
+        self.data.families()  # raises naming data.family_mix
         need(r.prompts_per_step >= 1, "rollout.prompts_per_step", ">= 1")
         need(r.group_size >= 2, "rollout.group_size", ">= 2 (advantages compare responses within a group)")
         need(r.max_new_tokens >= 1, "rollout.max_new_tokens", ">= 1")

@@ -43,14 +43,15 @@ frozen step (0.146 s in the 1-thread learner process beside the trainer); at the
 1,024 tokens 0.42 s (28%), over budget once the GRPO step itself fell to ~1.5 s. A step of 32
 rollouts commits ~1,800 tokens, a quarter of which are kept, and updates sample the newest 4 steps.
 
-Learning rate: 1e-4. `respec bench stale` (150 GRPO steps of the default workload, k=3, no shift)
-measured the frozen offline head losing 0.5% of its expected acceptance (tau_rounds 2.94 -> 2.92:
-at lr 1e-4 the actor barely moves), while every online variant at lr 1e-3 fell to ~2.73 within 10
-updates and stayed near 2.7; at 1e-4 they fell more slowly (2.84 after 30 updates, with every
-weighting, with all rollouts kept instead of a quarter, and with the full vocabulary instead of
-top-16). A head distilled offline to convergence (final lr 3e-4 on ~15k-token pools) is knocked
-off its optimum by small noisy updates; online distillation pays only once the actor has moved
-away from it (the study's `--shift-at` option), which is not yet measured.
+Learning rate: 1e-4. `respec bench stale` (150 GRPO steps of the default workload, k=3, no shift,
+every variant learning from the same replay batch): at 1e-4 every online variant stays above the
+frozen offline head at every evaluation and ends +0.04 to +0.05 above it (tau_rounds 2.93-2.94 vs
+2.89; the frozen head lost 0.2%: at the actor's lr 1e-4 the actor barely moves in 150 steps). At
+1e-3 the online variants fell below frozen within 10 updates (-0.05 at step 10, -0.09 at step 30 in
+a probe stopped there): noisy 256-token updates at the offline peak rate knock the converged head
+off its optimum. An earlier layout of the replay records (the response without its prompt as
+context: replay.py) had made every online variant fall ~0.22 below frozen at 1e-3 and ~0.07 at
+1e-4: it trained the head on a conditional the engine never drafts from.
 
 Versions: the head's `version` is the step whose update it holds (-1: the initial head); the
 actor it was trained against is that step's actor (its rollouts and shared weights). Lag at step

@@ -83,7 +83,7 @@ from ..config import TrainConfig
 from ..models.transformer import Transformer
 from ..rollout.engine import Engine, Request, Rollout
 from ..rollout.sampling import NonFiniteLogitsError, SamplingParams, entropy, transform
-from ..tasks.arithmetic import ArithmeticTask
+from ..tasks.arithmetic import DEFAULT_FAMILIES, ArithmeticTask
 from ..tasks.data import DataError, PromptDataset, PromptRecord, builtin_prompts, collate_columns
 from ..tasks.reward import CombinedReward, RewardResult
 from .advantages import compute_advantages
@@ -141,8 +141,9 @@ class TaskPrompts:
     def task_for(cfg: TrainConfig, heldout: int = 0) -> ArithmeticTask:
         """The built-in task a train config names: its seed and family stream, and a held-out set
         of at least 1,000 problems (and at least `heldout` and `eval.heldout`)."""
-        return ArithmeticTask(seed=cfg.data.task_seed, stratified=cfg.data.stratify_families,
-                              heldout_size=max(1000, cfg.eval.heldout, heldout))
+        families, weights = cfg.data.families() or (DEFAULT_FAMILIES, None)
+        return ArithmeticTask(seed=cfg.data.task_seed, families=families, weights=weights,
+                              stratified=cfg.data.stratify_families, heldout_size=max(1000, cfg.eval.heldout, heldout))
 
 
 @dataclass

@@ -205,14 +205,31 @@ def test_summary_states_the_success_bar_with_a_paired_comparison():
 
 
 def test_the_builtin_task_follows_the_data_config():
-    """data.task_seed and data.stratify_families reach the training stream; the held-out set is the
-    task seed's, stratified or not, and at least eval.heldout long."""
+    """data.task_seed, data.family_mix and data.stratify_families reach the training stream; the
+    held-out set is the task seed's and the mix's, stratified or not, and at least eval.heldout long."""
     from respec.rl.trainer import TaskPrompts
     from respec.tasks.arithmetic import ArithmeticTask
 
     plain = TaskPrompts.task_for(train_config(data={"task_seed": 3}, eval={"heldout": 1500}))
     strat = TaskPrompts.task_for(train_config(data={"task_seed": 3, "stratify_families": True}))
-    assert plain.problems(0, 40) == ArithmeticTask(seed=3).problems(0, 40)
-    assert strat.problems(0, 40) == ArithmeticTask(seed=3, stratified=True).problems(0, 40) != plain.problems(0, 40)
+    rl_mix = dict(families=("add", "sub", "mul"), weights=(0.3, 0.4, 0.3))  # the default data.family_mix
+    assert plain.problems(0, 40) == ArithmeticTask(seed=3, **rl_mix).problems(0, 40)
+    assert strat.problems(0, 40) == ArithmeticTask(seed=3, stratified=True, **rl_mix).problems(0, 40) \
+        != plain.problems(0, 40)
     assert plain.heldout_size == 1500 and strat.heldout(1000) == plain.heldout(1000)
     assert [r.prompt for r in TaskPrompts(strat).batch(2, 8)] == [p.prompt for p in strat.problems(16, 8)]
+    own = TaskPrompts.task_for(train_config(data={"family_mix": ""}))  # empty: the task's own mix
+    assert own.problems(0, 40) == ArithmeticTask().problems(0, 40) != TaskPrompts.task_for(train_config()).problems(0, 40)
+    mixed = TaskPrompts.task_for(train_config(data={"family_mix": " sub=3, mul=1"}))
+    fams = [p.family for p in mixed.problems(0, 400)]
+    assert set(fams) == {"sub", "mul"} and 0.68 < fams.count("sub") / 400 < 0.82
+    assert {p.family for p in mixed.heldout(200)} == {"sub", "mul"}  # the held-out set follows the mix
+
+
+@pytest.mark.parametrize("mix", ["add=1,div=1", "add=1,add=2", "add", "add=x", "add=-1,sub=1", "add=0,sub=0",
+                                 "add=inf"])
+def test_family_mix_errors_name_the_key(mix):
+    from respec.config import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match=r"data\.family_mix"):
+        train_config(data={"family_mix": mix}).validate()

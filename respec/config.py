@@ -343,6 +343,10 @@ class OnlineDistillOptions:
 
     mode: str = _help("sync (in the trainer, blocking) | async (own process; the head swapped in at step N is the "
                       "update launched at N-1: reproducible) | latest (own process, never waits: not reproducible)", "async")
+    launch: str = _help("when update N is submitted: after_rollout (at step N, once its rollouts are scored; it "
+                        "overlaps only the actor's update, and step N+1 drafts with it) | step_start (at the start of "
+                        "step N+1, from the same data; it overlaps step N+1's whole generate, and step N+2 drafts with "
+                        "it: one step more lag)", "after_rollout")
     interval: int = _help("launch an update every I steps", 1)
     fraction: float = _help("fraction of each step's rollouts whose tokens enter the replay buffer", 0.25)
     buffer_mib: int = _help("replay buffer byte budget (MiB); oldest sequences dropped first", 256)
@@ -373,6 +377,7 @@ class OnlineDistillOptions:
                 raise ConfigValueError(f"{prefix}{key} must be {what}, got {getattr(self, key)!r}")
 
         need(self.mode in ("sync", "async", "latest"), "mode", "sync, async or latest")
+        need(self.launch in ("after_rollout", "step_start"), "launch", "after_rollout or step_start")
         need(self.weighting in WEIGHTINGS, "weighting", " | ".join(WEIGHTINGS))
         for key in ("interval", "buffer_mib", "max_age", "top_k", "tokens_per_update", "steps_per_update", "depth",
                     "max_lag"):

@@ -192,7 +192,10 @@ class OnlineDistiller:
         """Per-step record fields, METRIC_KEYS (the rollouts of step `step` used head `version`)."""
         s = self.last_stats
         return {
-            "drafter_version": self.version, "drafter_actor_version": self.version, "drafter_lag": step - self.version,
+            "drafter_version": self.version, "drafter_lag": step - self.version,
+            # the actor whose embedding / LM head the update saw: step V's (after_rollout, before its
+            # update) or step V+1's (step_start: the update is submitted after step V's actor update)
+            "drafter_actor_version": self.version + (self.cfg.launch == "step_start" and self.version >= 0),
             "drafter_failures": self.failures, "drafter_restarts": self.learner.restarts,
             "drafter_skipped": self.skipped, "drafter_wait_s": self.wait_s,
             "learner_loss_first": s.get("loss_first"), "learner_loss_last": s.get("loss_last"),

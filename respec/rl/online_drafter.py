@@ -6,13 +6,17 @@ the warnings printed through the trainer's progress channel, the metrics and the
 GRPOTrainer.train_step(N) calls, in order:
 
     begin(N)                     swap: the head takes the update launched at N-1 (async and sync
-                                 modes wait for it, so the schedule is reproducible)
+                                 modes wait for it, so the schedule is reproducible); with
+                                 drafter.launch = step_start, then launch update N-1 (below)
     with capturing(requests, N): engine.capture = the distiller's collector for the training
         generate                 generate only; reset to None after it (also on errors), so the
                                  held-out evaluation's commits never reach the buffer
     record(rewards, advantages)  the kept rollouts enter the replay buffer
-    launch(N, actor)             before the actor's update: the learner runs while the actor
-                                 updates and the next rollout generates
+    launch(N, actor)             after_rollout (default): submit update N before the actor's
+                                 update; an async learner runs beside that update only, since
+                                 begin(N+1) waits for it. step_start: begin(N+1) submits it
+                                 instead, from the same data with the updated actor, and it runs
+                                 beside step N+1's whole generate (step N+2 drafts with it)
     metrics(N, gen)              distiller metrics + the staleness guard (warnings through `say`)
 
 and `fit` calls finish() after the last step (the last update is swapped in, so the head saved
@@ -28,8 +32,9 @@ metrics are null.
 
 Versions (drafter/online.py): `drafter_version` in step N's record is the update whose head
 generated step N's rollouts: -1 (the initial head) at step 0, then N-1 in the async / sync modes
-with interval 1 - the sequence -1, 0, 1, ... The update of step V learned from the rollouts of
-steps V - max_age + 1 .. V with step V's actor's embedding and LM head (`drafter_actor_version`).
+with interval 1 - the sequence -1, 0, 1, ... (step_start: -1, -1, 0, 1, ...). The update of step V
+learned from the rollouts of steps V - max_age + 1 .. V with the embedding and LM head of step V's
+actor (after_rollout) or step V+1's (step_start) (`drafter_actor_version`).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from ..drafter.eagle import EagleDrafter, EagleHead, save_eagle
 from ..drafter.learner import Learner
 from ..drafter.online import METRIC_KEYS, OnlineDistillConfig, OnlineDistiller, StalenessGuard
 from ..models.transformer import Transformer
-from ..rollout.engine import Commit, Engine, GenerationResult, Request
+from ..rollout.engine import Commit, Engine, GenerationResult, Prefill, Request
 
 # Per-step record keys this object adds (null when online distillation is off); time_drafter_s is
 # the trainer's own split of the step time.
@@ -97,6 +102,7 @@ class OnlineDrafter:
         self.warnings = 0  # staleness warnings so far (checkpointed: a resumed run keeps counting)
         self.capture_s = 0.0  # time inside the capture hook during this step's generate
         self._collector = None
+        self._last: int | None = None  # the last step whose rollouts were recorded
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, engine: Engine, say: Callable[[str], None] | None = None,
@@ -112,8 +118,14 @@ class OnlineDrafter:
         return self.distiller is not None
 
     # ---- the step ---------------------------------------------------------------------------------
+    @property
+    def _at_step_start(self) -> bool:
+        return self.distiller is not None and self.distiller.cfg.launch == "step_start"
+
     def begin(self, step: int) -> None:
-        """Step boundary: swap in the launched update; a failed one is reported, the last good head stays."""
+        """Step boundary: swap in the launched update; a failed one is reported, the last good head
+        stays. With drafter.launch = step_start, then submit update step-1 (its data is complete) so
+        that it runs beside this step's generate."""
         self.capture_s = 0.0
         d = self.distiller
         if d is None:
@@ -124,6 +136,8 @@ class OnlineDrafter:
             self.say(f"step {step}: {d.last_error}; the rollouts keep drafter version {d.version} "
                      f"(learner restarts so far: {d.learner.restarts})")
         d.learner.start()  # a process learner's start-up overlaps this step's generate (no-op when alive)
+        if self._at_step_start and step >= 1:
+            d.launch(step - 1, self.engine.model)  # the live actor, after step-1's update
 
     @contextmanager
     def capturing(self, requests: Sequence[Request], step: int) -> Iterator[None]:
@@ -133,9 +147,9 @@ class OnlineDrafter:
             return
         collector = self.distiller.collector(requests, step)
 
-        def hook(commit: Commit) -> None:
+        def hook(event: Prefill | Commit) -> None:
             t = time.perf_counter()
-            collector(commit)
+            collector(event)
             self.capture_s += time.perf_counter() - t
 
         self.engine.capture = hook
@@ -153,8 +167,10 @@ class OnlineDrafter:
         self.distiller.record(collector, rewards, advantages)
 
     def launch(self, step: int, actor: Transformer) -> None:
-        """Submit update `step` (a buffer batch + the actor's embedding / LM head, snapshotted now)."""
-        if self.distiller is not None:
+        """Submit update `step` (a buffer batch + the actor's embedding / LM head, snapshotted now);
+        with drafter.launch = step_start, begin(step + 1) submits it instead."""
+        self._last = step
+        if self.distiller is not None and not self._at_step_start:
             self.distiller.launch(step, actor)
 
     def metrics(self, step: int, gen: GenerationResult) -> dict:
@@ -169,9 +185,15 @@ class OnlineDrafter:
 
     # ---- end of training ------------------------------------------------------------------------
     def finish(self) -> None:
-        """After the last step: swap in the last launched update (waiting for it in every mode)."""
-        if self.distiller is not None:
-            self.distiller.swap(wait=True)
+        """After the last step: swap in the last launched update (waiting for it in every mode); with
+        drafter.launch = step_start, then the update of the last step's data, so that the head saved
+        with the run has learned from every step."""
+        d = self.distiller
+        if d is None:
+            return
+        d.swap(wait=True)
+        if self._at_step_start and self._last is not None and d.launch(self._last, self.engine.model):
+            d.swap(wait=True)
 
     def close(self) -> None:
         """Stop the learner process (idempotent; a later launch would start a fresh one)."""

@@ -49,9 +49,10 @@ def start(make_trainer, cfg, run_dir, eagle_k=0):
     return t
 
 
-@pytest.mark.parametrize("online", [False, True], ids=["frozen-drafter", "online-drafter"])
-def test_killed_run_resumes_bit_identically(make_trainer, tmp_path, monkeypatch, online):
-    cfg = resumable_config(drafter={"online": "on" if online else "off", "tokens_per_update": 64})
+@pytest.mark.parametrize("online, launch", [(False, "after_rollout"), (True, "after_rollout"), (True, "step_start")],
+                         ids=["frozen-drafter", "online-drafter", "online-drafter-step-start"])
+def test_killed_run_resumes_bit_identically(make_trainer, tmp_path, monkeypatch, online, launch):
+    cfg = resumable_config(drafter={"online": "on" if online else "off", "tokens_per_update": 64, "launch": launch})
     eagle_k = 2 if online else 0  # online: speculative rollouts with a tiny EAGLE head it keeps training
     whole = start(make_trainer, cfg, tmp_path / "whole", eagle_k)
     whole.logger = MetricsLogger(tmp_path / "whole", tensorboard=False)
@@ -86,7 +87,8 @@ def test_killed_run_resumes_bit_identically(make_trainer, tmp_path, monkeypatch,
     assert r["kl_ref"] > 0 and r["entropy"] > 0  # the compared numbers are not trivially zero
     assert summary.steps == 4 and latest_checkpoint(run / "checkpoints").name == "step-000004"
     if online:
-        assert [r["drafter_version"] for r in resumed] == [-1, 0, 1, 2] and r["drafter_failures"] == 0
+        versions = [-1, 0, 1, 2] if launch == "after_rollout" else [-1, -1, 0, 1]  # step_start: one step later
+        assert [r["drafter_version"] for r in resumed] == versions and r["drafter_failures"] == 0
         assert r["spec_accept_len"] > 1 and r["learner_loss_last"] is not None
         final = whole.engine.drafter.head.state_dict()  # both swapped in update 3 at the end of fit
         assert all(torch.equal(v, final[k]) for k, v in second.engine.drafter.head.state_dict().items())

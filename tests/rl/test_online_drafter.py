@@ -59,6 +59,43 @@ def test_three_steps_swap_the_previous_update_and_train_the_head(make_trainer):
     assert set(train[0]) == set(trainer_mod.TRAIN_METRIC_KEYS) | {"reward/target_fraction"}
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_step_start_launch_overlaps_the_next_generate_one_step_later(make_trainer, monkeypatch, mode):
+    """drafter.launch = step_start: update N-1 is submitted at the start of step N (before its
+    generate, with the actor after step N-1's update) and step N+1 drafts with it; fit ends with
+    the update of the last step's data swapped in."""
+    t = make_trainer(online_config(steps=4, drafter={"launch": "step_start", "mode": mode}), eagle_k=2)
+    events = []
+    real_launch, real_generate, real_update = t.online.distiller.launch, t.engine.generate, t._update
+
+    def launch(step, actor):
+        events.append(("launch", step, actor is t.model))
+        return real_launch(step, actor)
+
+    def generate(requests, sampling, **kw):
+        events.append(("generate", int(requests[0].id.split("/")[1])))
+        return real_generate(requests, sampling, **kw)
+
+    def update(batch, step):
+        events.append(("update", step))
+        return real_update(batch, step)
+
+    monkeypatch.setattr(t.online.distiller, "launch", launch)
+    monkeypatch.setattr(t.engine, "generate", generate)
+    monkeypatch.setattr(t, "_update", update)
+    t.logger = ListLogger()
+    t.fit()
+    want = [("generate", 0), ("update", 0)]
+    for n in (1, 2, 3):  # update n-1 after the actor's update n-1, right before generate n
+        want += [("launch", n - 1, True), ("generate", n), ("update", n)]
+    assert events == want + [("launch", 3, True)]  # the last one: in finish()
+    train = [r for r in t.logger.records if r["kind"] == "train"]
+    assert [r["drafter_version"] for r in train] == [-1, -1, 0, 1]
+    assert [r["drafter_actor_version"] for r in train] == [-1, -1, 1, 2]  # the actor after the data's step
+    assert [r["drafter_lag"] for r in train] == [1, 2, 2, 2] and train[-1]["drafter_failures"] == 0
+    assert t.online.distiller.version == 3  # learned from every step's rollouts
+
+
 def test_capture_is_on_for_training_rollouts_only(make_trainer, monkeypatch):
     t = make_trainer(online_config(steps=2, drafter={"mode": "sync"}), eagle_k=2)
     t.heldout = [PromptRecord(f"h{i}", None, [1 + i, 2, 3], {}) for i in range(3)]

@@ -38,7 +38,8 @@ def _trace(step: int, start: float, step_s: float, learner_s: float | None) -> o
 
 
 def test_overlap_summary_applies_the_formulas():
-    times = {"frozen": [1.0, 1.1, 0.9, 1.0, 1.05], "sync": [1.6, 1.5, 1.55, 1.6, 1.5], "async": [1.1, 1.2, 1.1, 1.15, 1.1]}
+    times = {"frozen": [1.0, 1.1, 0.9, 1.0, 1.05], "sync": [1.6, 1.5, 1.55, 1.6, 1.5], "async": [1.1, 1.2, 1.1, 1.15, 1.1],
+             "async_start": [1.3, 1.4, 1.35, 1.3, 1.45]}
     details = {arm: [overlap.Rep([_trace(0, 0.0, 1.0, None if arm == "frozen" else 0.5),
                                   _trace(1, 1.0, t, None if arm == "frozen" else 0.6)], 0) for t in times[arm]]
                for arm in overlap.ARMS}
@@ -49,6 +50,10 @@ def test_overlap_summary_applies_the_formulas():
     assert e["median"] == pytest.approx(expected, abs=1e-4) and e["ci95"][0] <= e["median"] <= e["ci95"][1]
     assert p["async_over_frozen"]["median"] == pytest.approx(statistics.median(times["async"]) / 1.0)
     assert p["goal_overlap_efficiency_ge_0_5"] is (expected >= 0.5)
+    start = (statistics.median(times["sync"]) - statistics.median(times["async_start"])) / p["t_learner_s"]
+    assert p["overlap_efficiency_start"]["median"] == pytest.approx(start, abs=1e-4) and start < 0.5 < expected
+    assert p["goal_overlap_efficiency_start_ge_0_5"] is False
+    assert p["async_start_over_async"]["median"] == pytest.approx(1.35 / 1.1, abs=1e-4)
     assert p["arms"]["frozen"]["learner_s"] == [] and p["arms"]["frozen"]["learner_s_median"] is None
     json.dumps(p)
 
@@ -58,7 +63,7 @@ def test_overlap_end_to_end_on_a_tiny_workload(tmp_path):
     p = overlap.measure_overlap(work, steps_per_rep=2, reps=2, warmup=0, progress=None)
     assert set(p["arms"]) == set(overlap.ARMS) and p["reps"] == 2 and p["valid"]
     assert p["arms"]["frozen"]["learner_s"] == []
-    for arm in ("sync", "async"):  # updates launched at steps 0 and 1 of both repetitions, timed by the learner
+    for arm in ("sync", "async", "async_start"):  # updates of steps 0 and 1 of both repetitions, timed by the learner
         assert len(p["arms"][arm]["learner_s"]) == 4 and min(p["arms"][arm]["learner_s"]) > 0
     sync, asyn = p["arms"]["sync"]["step_s_per_rep"], p["arms"]["async"]["step_s_per_rep"]
     assert p["overlap_efficiency"]["median"] == pytest.approx(
@@ -73,7 +78,10 @@ def test_overlap_end_to_end_on_a_tiny_workload(tmp_path):
     ph = a0["phases"]
     assert a0["learner_start_s"] == pytest.approx(a0["start_s"] + ph["drafter_wait"] + ph["generate"] + ph["reward"]
                                                   + ph["drafter"])
-    assert "overlap efficiency" in overlap.render_table(p)
+    s0, s1 = p["timeline"]["async_start"]  # update 0 starts after step 1's swap; update 1 (in finish) after step 1
+    assert s0["learner_start_s"] == pytest.approx(s1["start_s"] + s1["phases"]["drafter_wait"])
+    assert s1["learner_start_s"] == pytest.approx(s1["start_s"] + s1["step_s"])
+    assert "overlap efficiency" in overlap.render_table(p) and "async_start" in overlap.render_table(p)
     assert overlap.plot_timeline(p, tmp_path / "overlap-timeline.png").stat().st_size > 0
     json.dumps(p)
 

@@ -1,22 +1,24 @@
 """`respec bench overlap`: does the asynchronous drafter learner hide behind the GRPO step?
 
-Three arms of the same GRPO workload (workload.py: the embedded default on the built-in actor and
+Four arms of the same GRPO workload (workload.py: the embedded default on the built-in actor and
 its cached EAGLE head, rollout.spec pinned to a static k so only the drafter's learning differs):
 
     frozen  drafter.online = off: the head never changes (no capture, no learner)
     sync    drafter.online = on, mode sync: each update runs inside the step (InlineLearner, the
             trainer's threads), between scoring and the actor update
-    async   drafter.online = on, mode async (the default): a learner process with one thread; the
-            update launched at step N runs while the actor updates and step N+1 generates, and step
-            N+1 waits for exactly it before generating
+    async   drafter.online = on, mode async (the default), launch after_rollout (the default): a
+            learner process with one thread; the update launched at step N runs while the actor
+            updates, and step N+1 waits for exactly it before generating
+    async_start  the same with drafter.launch = step_start: update N is submitted at the start of
+            step N+1 and runs beside its whole generate; step N+2 drafts with it
 
 Protocol (protocol.py): one repetition of an arm = a fresh trainer (copies of the initial actor and
 head, fresh optimizers) running steps 0 .. S-1, so every arm and every repetition sees the same
-prompts and sampling keys; arms interleaved (frozen, sync, async, frozen, ...), one untimed warm-up
+prompts and sampling keys; arms interleaved (frozen, sync, async, async_start, frozen, ...), one untimed warm-up
 round, then `reps` rounds. The first step of each repetition is not timed (the pipeline fills: no
 update is in flight yet, so the async arm would look free); a repetition's figure is its mean step
 time (time_step_s) over the other steps. After the last step the update still in flight is awaited,
-untimed, so the next arm starts with the machine quiet. The async arm keeps one learner process
+untimed, so the next arm starts with the machine quiet. The async arms share one learner process
 across repetitions (started and ready before timing): a run pays its start-up once, not per step.
 
 Reported per arm: median step time over repetitions and the median of each phase over the timed
@@ -28,6 +30,7 @@ steps; the learner's own compute per update (`learner_s`, its stats); and
                          0 = async is as slow as sync (bootstrap 95% interval over repetitions)
     async / frozen       ratio of median step times with a bootstrap interval (goal <= 1.10)
     sync / frozen        the same for the synchronous arm
+and the same efficiency and ratio for async_start.
 The timeline plot shows the last timed repetition of each arm step by step: the trainer's phases
 (drafter swap wait, generate, reward, drafter bookkeeping + launch, actor update, weight sync, from
 the metrics the trainer logs) and, on a second lane, the learner's busy interval: from the launch
@@ -55,7 +58,8 @@ from ..rl.online_drafter import OnlineDrafter
 from .protocol import device_info, interleaved, ratio_ci, report_header, write_results
 from .workload import RLWorkload
 
-ARMS = ("frozen", "sync", "async")
+ARMS = ("frozen", "sync", "async", "async_start")
+ASYNC_ARMS = ("async", "async_start")  # one process learner, reused across their repetitions
 # Phases of one training step in the order they happen (trainer.py's time_* metrics; "drafter_wait"
 # is the swap at the step boundary, "drafter" the record + launch after scoring, incl. an inline update)
 PHASES = ("drafter_wait", "generate", "reward", "drafter", "train", "sync")
@@ -64,12 +68,14 @@ GOAL_EFFICIENCY = 0.5
 
 
 def arm_config(base: TrainConfig, arm: str) -> TrainConfig:
-    """The workload's config with drafter.online / drafter.mode set for `arm`."""
+    """The workload's config with drafter.online / .mode / .launch set for `arm` (async_start: an async
+    learner whose update N is submitted at the start of step N+1; the other arms after step N's rollout)."""
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
     online = "off" if arm == "frozen" else "on"
     mode = "sync" if arm == "sync" else "async"
-    cfg = replace(base, drafter=replace(base.drafter, online=online, mode=mode))
+    launch = "step_start" if arm == "async_start" else "after_rollout"
+    cfg = replace(base, drafter=replace(base.drafter, online=online, mode=mode, launch=launch))
     cfg.validate()
     return cfg
 
@@ -84,20 +90,14 @@ class StepTrace:
     phases: dict[str, float]  # PHASES -> seconds; they add up to step_s
     accept_len: float  # spec_accept_len of the step's rollouts
     learner_s: float | None  # compute of the update launched at this step (learner's own stats); None: none launched
-    learner_start_s: float | None  # when that compute started (async: the launch; sync: inside the drafter phase)
+    learner_start_s: float | None  # when that compute started (async: the launch, after the drafter phase;
+    #                                async_start: the next step's start, after its swap; sync: inside the drafter phase)
 
 
 def _phases(m: dict) -> dict[str, float]:
     wait = m.get("drafter_wait_s") or 0.0
     return {"drafter_wait": wait, "generate": m["time_generate_s"], "reward": m["time_reward_s"],
             "drafter": max(0.0, m["time_drafter_s"] - wait), "train": m["time_train_s"], "sync": m["time_sync_s"]}
-
-
-def _note_updates(online: OnlineDrafter, seconds: dict[int, float]) -> None:
-    """Record the learner seconds of the update the head holds now (keyed by the step that launched it)."""
-    d = online.distiller
-    if d is not None and d.version >= 0 and "seconds" in d.last_stats:
-        seconds[d.version] = d.last_stats["seconds"]
 
 
 @dataclass
@@ -115,28 +115,32 @@ def run_rep(work: RLWorkload, arm: str, steps: int, learner: Learner | None = No
     trainer = work.trainer(cfg)
     if learner is not None:  # the trainer built its own hooks from cfg; these reuse the given learner
         trainer.online = OnlineDrafter.from_config(cfg, trainer.engine, learner=learner)
-    seconds: dict[int, float] = {}
     rows: list[tuple[float, dict]] = []
     t0 = time.perf_counter()
     try:
         for step in range(steps):
             start = time.perf_counter() - t0
             m = trainer.train_step(step)
-            _note_updates(trainer.online, seconds)
             rows.append((start, m))
         trainer.online.finish()  # untimed: wait for the update still in flight
-        _note_updates(trainer.online, seconds)
-        failures = trainer.online.distiller.failures if trainer.online.enabled else 0
+        d = trainer.online.distiller
+        failures = d.failures if d is not None else 0
+        seconds = d.update_seconds if d is not None else {}  # the learner's compute per update (its step)
     finally:
         if learner is None:
             trainer.close()
     out = []
-    for start, m in rows:
+    for i, (start, m) in enumerate(rows):
         ph = _phases(m)
         ls = seconds.get(m["step"])
         end_drafter = start + ph["drafter_wait"] + ph["generate"] + ph["reward"] + ph["drafter"]
-        ls_start = None if ls is None else (end_drafter - min(ls, ph["drafter"]) if arm == "sync" else end_drafter)
-        out.append(StepTrace(m["step"], start, m["time_step_s"], ph, m["spec_accept_len"], ls, ls_start))
+        if arm == "async_start":  # submitted by the next step's begin(), after its swap (the last one: in finish())
+            nxt = rows[i + 1] if i + 1 < len(rows) else None
+            ls_start = start + m["time_step_s"] if nxt is None else nxt[0] + (nxt[1].get("drafter_wait_s") or 0.0)
+        else:
+            ls_start = end_drafter - min(ls or 0.0, ph["drafter"]) if arm == "sync" else end_drafter
+        out.append(StepTrace(m["step"], start, m["time_step_s"], ph, m["spec_accept_len"], ls,
+                             None if ls is None else ls_start))
     return Rep(out, failures)
 
 
@@ -170,7 +174,7 @@ def measure_overlap(work: RLWorkload, steps_per_rep: int = 4, reps: int = 5, war
 
     def runner(arm: str):
         def go() -> float:
-            rep = run_rep(work, arm, steps_per_rep, learner if arm == "async" else None)
+            rep = run_rep(work, arm, steps_per_rep, learner if arm in ASYNC_ARMS else None)
             details[arm].append(rep)
             t = rep_step_time(rep.traces, skip)
             if progress is not None:
@@ -210,12 +214,15 @@ def summarize_overlap(times: dict[str, list[float]], details: dict[str, list[Rep
     eff = efficiency_ci(times["sync"], times["async"], sync_learner)
     a_f, s_f = ratio_ci(times["async"], times["frozen"]), ratio_ci(times["sync"], times["frozen"])
     a_s = ratio_ci(times["async"], times["sync"])
+    eff_start = efficiency_ci(times["sync"], times["async_start"], sync_learner)
+    as_f, as_a = ratio_ci(times["async_start"], times["frozen"]), ratio_ci(times["async_start"], times["async"])
     cfg, d = work.cfg, work.cfg.drafter
     return {
         "info": device_info(cfg.device), **work.sources,
         "workload": {"prompts_per_step": cfg.rollout.prompts_per_step, "group_size": cfg.rollout.group_size,
                      "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
-                     "spec_k": work.k, "drafter": {k: v for k, v in asdict(d).items() if k not in ("online", "mode")}},
+                     "spec_k": work.k,
+                     "drafter": {k: v for k, v in asdict(d).items() if k not in ("online", "mode", "launch")}},
         "steps_per_rep": steps_per_rep, "untimed_first_steps": skip, "reps": len(times["frozen"]),
         "arms": arms,
         "t_learner_s": t_learner,
@@ -224,6 +231,11 @@ def summarize_overlap(times: dict[str, list[float]], details: dict[str, list[Rep
         "async_over_frozen": a_f.as_dict(), "sync_over_frozen": s_f.as_dict(), "async_over_sync": a_s.as_dict(),
         "goal_async_over_frozen_le_1_10": a_f.median <= GOAL_RATIO,
         "goal_overlap_efficiency_ge_0_5": eff["median"] >= GOAL_EFFICIENCY,
+        "t_learner_async_start_s": arms["async_start"]["learner_s_median"],
+        "overlap_efficiency_start": eff_start,
+        "async_start_over_frozen": as_f.as_dict(), "async_start_over_async": as_a.as_dict(),
+        "goal_async_start_over_frozen_le_1_10": as_f.median <= GOAL_RATIO,
+        "goal_overlap_efficiency_start_ge_0_5": eff_start["median"] >= GOAL_EFFICIENCY,
         # every update of the timed repetitions arrived (a lost one makes the online arms cheaper than configured)
         "valid": all(a["failures"] == 0 for a in arms.values()),
         "timeline": {arm: [asdict(t) for t in details[arm][-1].traces] for arm in ARMS},
@@ -253,17 +265,28 @@ def render_table(p: dict) -> str:
         lines.append(f"| {arm} | {a['median_step_s']:.3f} | "
                      + " | ".join(f"{a['phase_median_s'][ph]:.3f}" for ph in PHASES)
                      + f" | {a['accept_len_median']:.2f} | {ls} |")
-    e = p["overlap_efficiency"]
-    t_async = "n/a" if p["t_learner_async_s"] is None else f"{p['t_learner_async_s']:.3f} s"
+    e, es = p["overlap_efficiency"], p["overlap_efficiency_start"]
+
+    def secs(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f} s"
+
     lines += [
         "",
+        "Arms: async submits update N once step N is scored (drafter.launch = after_rollout: it can hide behind "
+        "the actor's update only); async_start submits it at the start of step N+1 (drafter.launch = step_start: "
+        "beside step N+1's generate; one step more lag).",
+        "",
         f"- T_learner (sync arm, the update's compute alone): {p['t_learner_s']:.3f} s; in the learner process "
-        f"(1 thread, beside the trainer): {t_async}",
-        f"- overlap efficiency (T_sync - T_async) / T_learner: {e['median']:.2f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] "
-        f"(goal >= {GOAL_EFFICIENCY:.2f}: **{p['goal_overlap_efficiency_ge_0_5']}**)",
+        f"(1 thread, beside the trainer): async {secs(p['t_learner_async_s'])}, "
+        f"async_start {secs(p['t_learner_async_start_s'])}",
+        f"- overlap efficiency (T_sync - T_async) / T_learner: async {e['median']:.2f} [{e['ci95'][0]:.2f}, "
+        f"{e['ci95'][1]:.2f}] (goal >= {GOAL_EFFICIENCY:.2f}: **{p['goal_overlap_efficiency_ge_0_5']}**); async_start "
+        f"{es['median']:.2f} [{es['ci95'][0]:.2f}, {es['ci95'][1]:.2f}] (**{p['goal_overlap_efficiency_start_ge_0_5']}**)",
         f"- async / frozen step time: {_fmt(p['async_over_frozen'])} (goal <= {GOAL_RATIO:.2f}: "
-        f"**{p['goal_async_over_frozen_le_1_10']}**)",
-        f"- sync / frozen: {_fmt(p['sync_over_frozen'])}; async / sync: {_fmt(p['async_over_sync'])}",
+        f"**{p['goal_async_over_frozen_le_1_10']}**); async_start / frozen: {_fmt(p['async_start_over_frozen'])} "
+        f"(**{p['goal_async_start_over_frozen_le_1_10']}**)",
+        f"- sync / frozen: {_fmt(p['sync_over_frozen'])}; async / sync: {_fmt(p['async_over_sync'])}; "
+        f"async_start / async: {_fmt(p['async_start_over_async'])}",
         "",
     ]
     if not p["valid"]:
@@ -295,7 +318,7 @@ def plot_timeline(p: dict, path: Path) -> Path | None:
             ax.text(t["start_s"] + 0.01, 2.0, f"step {t['step']}", fontsize=7, va="bottom")
             if t["learner_s"] is not None:
                 ax.broken_barh([(t["learner_start_s"], t["learner_s"])], (0.1, 0.8), color="tab:green")
-        lane = "learner (process)" if arm == "async" else "learner (inline)" if arm == "sync" else "learner (none)"
+        lane = "learner (process)" if arm in ASYNC_ARMS else "learner (inline)" if arm == "sync" else "learner (none)"
         ax.set_yticks([0.5, 1.5], [lane, "trainer"])
         ax.set_ylim(0, 2.4)
         ax.set_title(f"{arm}: median step {p['arms'][arm]['median_step_s']:.2f} s", fontsize=9, loc="left")

@@ -131,6 +131,7 @@ class OnlineDistiller:
         self.last_error = ""
         self.skipped = 0  # launches skipped because an update was still running (latest mode)
         self.last_stats: dict = {}  # the last good update's learner stats
+        self.update_seconds: dict[int, float] = {}  # version -> the learner's compute for it (swapped-in updates)
         self.wait_s = 0.0  # time the last swap() waited for the learner
         self._inflight: int | None = None  # version launched, not yet taken
         self._ready: LearnResult | None = None  # taken by state(), applied by the next swap()
@@ -186,6 +187,8 @@ class OnlineDistiller:
         self.head.load_state_dict(res.head_state)  # copies into the engine's head (its dtype and device)
         self.head_state, self.optim_state = res.head_state, res.optim_state
         self.version, self.last_stats = res.version, res.stats
+        if "seconds" in res.stats:
+            self.update_seconds[res.version] = res.stats["seconds"]
         return True
 
     def metrics(self, step: int) -> dict:

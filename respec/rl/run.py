@@ -64,6 +64,9 @@ def resume_config(run_dir: str | Path, overrides: dict) -> TrainConfig:
     # a run saved before online drafter distillation existed ran without it (its checkpoints have no
     # drafter state); the default `auto` would switch it on
     saved_values.setdefault("drafter", {"online": "off"})
+    # ... and one saved before data.family_mix existed drew the built-in task's own mix (empty), not
+    # today's RL default
+    saved_values.setdefault("data", {}).setdefault("family_mix", "")
     saved = build(TrainConfig, saved_values)
     overrides = merge(overrides, {"output": {"dir": str(run_dir)}})
     cfg = build(TrainConfig, merge(saved_values, overrides))

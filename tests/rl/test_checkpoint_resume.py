@@ -165,6 +165,10 @@ def test_resume_overrides_that_change_the_trajectory_are_refused_naming_the_key(
     old.mkdir()
     (old / "config.toml").write_text("steps = 3\n")
     assert resume_config(old, {}).drafter.online == "off"
+    assert resume_config(old, {}).data.family_mix == ""  # ... and before data.family_mix: the task's own mix
+    assert resume_config(run, {}).data.family_mix == C.TrainDataConfig().family_mix != ""
+    with pytest.raises(C.ConfigValueError, match="data.family_mix"):
+        resume_config(run, {"data": {"family_mix": "add=1"}})
     with pytest.raises(C.ConfigValueError, match="drafter.online"):
         resume_config(run, {"drafter": {"online": "off"}})  # the saved run's is auto
 

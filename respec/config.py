@@ -267,9 +267,6 @@ def to_toml(obj: Any) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-# ---- RL training (`respec train`) ----------------------------------------------------------------
-# Sections of TrainConfig; `--rollout.group_size 8` on the command line, `[rollout] group_size = 8`
-# in TOML. The trainer (respec/rl) reads these and never restates a default.
 def parse_family_mix(text: str, key: str) -> tuple[tuple[str, ...], tuple[float, ...]] | None:
     """"add=0.3,sub=0.4" -> (("add", "sub"), (0.3, 0.4)); "" -> None. ConfigValueError names `key`."""
     from .tasks.arithmetic import FAMILIES
@@ -293,6 +290,9 @@ def parse_family_mix(text: str, key: str) -> tuple[tuple[str, ...], tuple[float,
     return tuple(names), tuple(weights)
 
 
+# ---- RL training (`respec train`) ----------------------------------------------------------------
+# Sections of TrainConfig; `--rollout.group_size 8` on the command line, `[rollout] group_size = 8`
+# in TOML. The trainer (respec/rl) reads these and never restates a default.
 @dataclass(frozen=True)
 class TrainDataConfig:
     dataset: str = _help("prompt file (.jsonl / .json / .parquet, TRL format); empty = the built-in arithmetic task", "")

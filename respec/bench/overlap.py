@@ -134,13 +134,16 @@ def run_rep(work: RLWorkload, arm: str, steps: int, learner: Learner | None = No
         ph = _phases(m)
         ls = seconds.get(m["step"])
         end_drafter = start + ph["drafter_wait"] + ph["generate"] + ph["reward"] + ph["drafter"]
-        if arm == "async_start":  # submitted by the next step's begin(), after its swap (the last one: in finish())
+        if ls is None:
+            ls_start = None
+        elif arm == "sync":  # inline, inside the drafter phase
+            ls_start = end_drafter - min(ls, ph["drafter"])
+        elif arm == "async_start":  # submitted by the next step's begin(), after its swap (the last one: in finish())
             nxt = rows[i + 1] if i + 1 < len(rows) else None
             ls_start = start + m["time_step_s"] if nxt is None else nxt[0] + (nxt[1].get("drafter_wait_s") or 0.0)
-        else:
-            ls_start = end_drafter - min(ls or 0.0, ph["drafter"]) if arm == "sync" else end_drafter
-        out.append(StepTrace(m["step"], start, m["time_step_s"], ph, m["spec_accept_len"], ls,
-                             None if ls is None else ls_start))
+        else:  # async: submitted after the drafter phase
+            ls_start = end_drafter
+        out.append(StepTrace(m["step"], start, m["time_step_s"], ph, m["spec_accept_len"], ls, ls_start))
     return Rep(out, failures)
 
 

@@ -37,16 +37,18 @@ do not depend on the reward's scale; the floor keeps every failed sample at half
 and the cap bounds the correction (at most 4:1 between any two sequences).
 
 Default budget: one optimizer step over 256 tokens per step, so the learner's compute stays under
-10% of a step. Measured by `respec bench overlap` (built-in actor and head, static k=3, this 2-core
-machine, quiet): 0.067 s per update run inline on the trainer's 2 threads, 4.6% of the 1.46 s
-frozen step (0.146 s in the 1-thread learner process beside the trainer); at the former default of
-1,024 tokens 0.42 s (28%), over budget once the GRPO step itself fell to ~1.5 s. A step of 32
+10% of a step. Measured by `respec bench overlap --reps 7` (built-in actor and head, static k=3,
+this 2-core machine; benchmarks/results/overlap.md): 0.062 s per update run inline on the
+trainer's 2 threads, 5% of the 1.14 s frozen step (0.104 s in the 1-thread learner process beside
+the trainer). At the former default of 1,024 tokens an update took 0.42 s before the records kept
+their prompt as context and 0.59-0.76 s after (side runs), half a step. A step of 32
 rollouts commits ~1,800 tokens, a quarter of which are kept, and updates sample the newest 4 steps.
 
 Learning rate: 1e-4. `respec bench stale` (150 GRPO steps of the default workload, k=3, no shift,
-every variant learning from the same replay batch): at 1e-4 every online variant stays above the
-frozen offline head at every evaluation and ends +0.04 to +0.05 above it (tau_rounds 2.93-2.94 vs
-2.89; the frozen head lost 0.2%: at the actor's lr 1e-4 the actor barely moves in 150 steps). At
+every variant learning from the same replay batch; benchmarks/results/stale.md): at 1e-4 every
+online variant stays above the frozen offline head at every evaluation and ends +0.048 to +0.051
+above it (tau_rounds 3.019-3.022 vs 2.971; the frozen head lost 0.5%: at the actor's lr 1e-4 the
+actor barely moves in 150 steps). At
 1e-3 the online variants fell below frozen within 10 updates (-0.05 at step 10, -0.09 at step 30 in
 a probe stopped there): noisy 256-token updates at the offline peak rate knock the converged head
 off its optimum. An earlier layout of the replay records (the response without its prompt as
@@ -194,11 +196,11 @@ class OnlineDistiller:
     def metrics(self, step: int) -> dict:
         """Per-step record fields, METRIC_KEYS (the rollouts of step `step` used head `version`)."""
         s = self.last_stats
+        # the actor whose embedding / LM head the update saw: step V's (after_rollout, before its
+        # update) or step V+1's (step_start: the update is submitted after step V's actor update)
+        actor_version = self.version + 1 if self.cfg.launch == "step_start" and self.version >= 0 else self.version
         return {
-            "drafter_version": self.version, "drafter_lag": step - self.version,
-            # the actor whose embedding / LM head the update saw: step V's (after_rollout, before its
-            # update) or step V+1's (step_start: the update is submitted after step V's actor update)
-            "drafter_actor_version": self.version + (self.cfg.launch == "step_start" and self.version >= 0),
+            "drafter_version": self.version, "drafter_actor_version": actor_version, "drafter_lag": step - self.version,
             "drafter_failures": self.failures, "drafter_restarts": self.learner.restarts,
             "drafter_skipped": self.skipped, "drafter_wait_s": self.wait_s,
             "learner_loss_first": s.get("loss_first"), "learner_loss_last": s.get("loss_last"),

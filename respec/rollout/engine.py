@@ -294,7 +294,7 @@ class _BatchState:
             if self.features is not None:
                 self.features[i, :n] = self.features[src, :n]
         if self.e.capture is not None:
-            P = max(int(plen.max()), 0)
+            P = int(plen.max())
             self.e.capture(Prefill(torch.tensor(order, device=self.dev),
                                    self.features[lo : lo + len(order), :P] if self.features is not None else None,
                                    torch.tensor([len(self.requests[ri].prompt_ids) - 1 for ri in order], device=self.dev)))

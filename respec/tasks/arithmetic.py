@@ -239,6 +239,7 @@ class ArithmeticTask:
     ):
         self.seed = int(seed)
         self.stratified = bool(stratified)
+        self._stratum_offset = _seed_for("stratum", self.seed, 0) / 2.0**64  # the Weyl sequence's start
         self.families = tuple(families)
         unknown = [f for f in self.families if f not in FAMILIES]
         if not self.families or unknown:
@@ -270,8 +271,7 @@ class ArithmeticTask:
         u_i = frac(offset + i * (sqrt(5) - 1) / 2) read through the cumulative weights. Any run of n
         consecutive indices holds each family n * weight times up to a few (the golden-ratio
         sequence has discrepancy O(log n)), where independent draws stray by sqrt(n * w * (1 - w))."""
-        offset = _seed_for("stratum", self.seed, 0) / 2.0**64
-        u = (offset + index * _GOLDEN) % 1.0
+        u = (self._stratum_offset + index * _GOLDEN) % 1.0
         total, acc = sum(self.weights), 0.0
         for family, w in zip(self.families, self.weights):
             acc += w / total

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..models.cache import KVCache
 from ..models.config import ModelConfig
+from ..models.linear import Linear
 from ..models.rope import apply_rotary, cos_sin, inv_frequencies
 from ..models.transformer import MLP, Attention, Geometry, RMSNorm, Transformer, geometry
 from ..rollout.sampling import SamplingParams
@@ -84,7 +85,7 @@ class EagleHead(nn.Module):
         self.cfg = cfg
         lc = cfg.layer_config()
         H = cfg.hidden_size
-        self.fc = nn.Linear(len(cfg.feature_layers) * H, H, bias=False)
+        self.fc = Linear(len(cfg.feature_layers) * H, H, bias=False)
         self.input_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.attn = Attention(lc, in_dim=2 * H)

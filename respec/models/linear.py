@@ -1,0 +1,93 @@
+"""`Linear`: nn.Linear whose CPU inference path uses weights prepacked for oneDNN.
+
+Why: PyTorch's CPU `F.linear` calls MKL's sgemm, which re-packs the weight into its blocked layout
+on every call and, for 2 <= M < ~16 rows, takes a slow small-gemm path (measured on the 2-core
+AMD EPYC VM: a 256 -> 1536 projection costs ~100 us for 2-8 rows vs ~40 us for 1 row). Decoding
+multiplies the same weights by a few rows thousands of times, so packing each weight once into
+oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the kernel inductor's CPU
+freezing path uses) and calling `torch.ops.mkldnn._linear_pointwise` makes verify passes (k + 1
+rows per sequence) and batched decode steps 1.2-2x cheaper per matmul. `benchmarks/results/decode.md`
+and `rollout.md` show the end-to-end effect; `respec bench decode` measures it against transformers.
+
+When the packed path runs (all must hold; otherwise this is exactly nn.Linear):
+  * CPU, fp32 or bf16 (where the CPU has native bf16 dot products), autograd off (`torch.no_grad()` / inference mode: the engine and every
+    teacher-forced scoring pass). Training forwards keep nn.Linear, so gradients are untouched.
+  * At least `MIN_ROWS` input rows: for one row MKL's gemv is as fast or faster for the small
+    matrices, so single-row decode keeps it. The choice depends on the input shape only, never on
+    timings, so runs stay reproducible.
+  * The weight has at least `MIN_WEIGHT_NUMEL` entries (a 29-token LM head is faster unpacked).
+  * oneDNN is available and `RESPEC_PACKED_LINEAR` is not "0".
+
+Staleness is impossible by construction: the packed copy records the weight's storage pointer and
+autograd version counter (bumped by every in-place write: optimizer steps, `load_state_dict`,
+`copy_`), and is rebuilt on the next call after any change. This is the actor-side twin of a stale
+drafter, and the engine's weight-sync test would catch it.
+
+Numerics: oneDNN accumulates in a different order than MKL, so outputs differ at float rounding
+level (~3e-6 relative in fp32); the logit-parity and log-prob-gap tests bound the end-to-end effect.
+The packed copies live in a side table keyed by the weight's identity, not in the module: state_dict, deepcopy, pickling
+and `.to()` never see them, and they die with their weight. They cost one extra copy of each packed
+weight in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_ROWS = 2
+MIN_WEIGHT_NUMEL = 1 << 16
+PACK_HINT_ROWS = 64  # oneDNN's layout hint: measured best or tied for 2..384 rows here
+
+
+def _available() -> bool:
+    if os.environ.get("RESPEC_PACKED_LINEAR", "1") == "0":
+        return False
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
+
+
+_ENABLED = _available()
+_BF16 = _ENABLED and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # else oneDNN's bf16 is a slow reference path
+# id(weight) -> (storage pointer, version counter, dtype, packed weight); an entry is dropped when
+# its weight is garbage-collected (tensors compare elementwise, so they cannot be dict keys themselves)
+_PACKED: dict[int, tuple] = {}
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    key = (weight.data_ptr(), weight._version, weight.dtype)
+    entry = _PACKED.get(id(weight))
+    if entry is None:
+        weakref.finalize(weight, _PACKED.pop, id(weight), None)
+    if entry is None or entry[:3] != key:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_HINT_ROWS)
+        entry = (*key, packed)
+        _PACKED[id(weight)] = entry
+    return entry[3]
+
+
+def uses_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `Linear` takes the packed path for input x (module docstring)."""
+    return (
+        _ENABLED
+        and x.device.type == "cpu"
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _BF16))
+        and x.dtype == weight.dtype
+        and weight.numel() >= MIN_WEIGHT_NUMEL
+        and x.numel() >= MIN_ROWS * x.shape[-1]
+        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+    )
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state_dict) with the packed CPU inference path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if uses_packed(x, self.weight):
+            bias = self.bias.detach() if self.bias is not None else None
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), _packed(self.weight), bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)

@@ -32,7 +32,7 @@ from torch import nn
 from ..models.cache import KVCache
 from ..models.config import ModelConfig
 from ..models.linear import Linear
-from ..models.rope import apply_rotary, cos_sin, inv_frequencies
+from ..models.rope import cos_sin, inv_frequencies
 from ..models.transformer import MLP, Attention, Geometry, RMSNorm, Transformer, geometry
 from ..rollout.sampling import SamplingParams
 from .base import DraftContext, Proposal, sample_drafts_step
@@ -108,14 +108,9 @@ class EagleHead(nn.Module):
 
     # ---- one layer, two attention modes ---------------------------------------------------------
     def _qkv(self, embeds, feats, positions):
-        a = self.attn
-        B, q, _ = embeds.shape
         x = torch.cat([self.input_norm(embeds), self.hidden_norm(feats)], dim=-1)  # (B, q, 2H)
-        xq, xk, xv = a.wqkv(x).split(a.split, dim=-1)
         cos, sin = cos_sin(self.inv_freq, 1.0, positions, embeds.dtype)
-        xq = apply_rotary(xq.view(B, q, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
-        xk = apply_rotary(xk.view(B, q, a.n_kv, a.head_dim).transpose(1, 2), cos, sin)
-        return xq, xk, xv.view(B, q, a.n_kv, a.head_dim).transpose(1, 2)
+        return self.attn.project(x, cos, sin)  # (B, n_heads, q, D), 2 x (B, n_kv, q, D)
 
     def _finish(self, feats, attn_out):
         B, q = feats.shape[:2]

@@ -83,6 +83,14 @@ def uses_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def kernel_tag(device: torch.device | str) -> str:
+    """Which matmul path inference uses on `device`: part of the cost profile's cache key, so a profile
+    measured with one path is never reused with the other."""
+    if torch.device(device).type != "cpu" or not _ENABLED:
+        return "default"
+    return f"onednn-packed(rows>={MIN_ROWS},numel>={MIN_WEIGHT_NUMEL},hint={PACK_HINT_ROWS},bf16={_BF16})"
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state_dict) with the packed CPU inference path."""
 

@@ -74,15 +74,18 @@ def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
 def cos_sin(
     inv_freq: torch.Tensor, scaling: float, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for integer positions (...,) -> two (..., head_dim) tensors in `dtype`."""
+    """cos and *sign-folded* sin for integer positions (...,) -> two (..., head_dim) tensors in `dtype`.
+
+    HF's rotate-half form is x * cos + cat(-x2, x1) * sin. We fold the minus into the sin table once
+    per forward, cat(-sin, sin), so `apply_rotary` is x * cos + roll(x, D/2) * sin: the same products
+    bit for bit (negation is exact), in 4 kernels per call instead of 7.
+    """
     freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., D/2), fp32 as in HF
-    emb = torch.cat((freqs, freqs), dim=-1)  # (..., D)
-    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+    cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, q, D); cos/sin (B, q, D). Non-interleaved (rotate-half) convention of HF Llama."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """Non-interleaved (rotate-half) RoPE of HF Llama: x (..., D); cos and the sign-folded sin from
+    `cos_sin`, broadcastable to x."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin

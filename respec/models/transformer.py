@@ -92,24 +92,33 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, q, in) -> rotated queries (B, n_heads, q, D), rotated keys and values (B, n_kv, q, D).
+
+        One matmul for q/k/v; without q/k norms, one RoPE call over the query and key heads together
+        (a decode step is per-kernel overhead, so fewer calls is faster)."""
+        B, q, _ = x.shape
+        qkv = self.wqkv(x).view(B, q, self.n_heads + 2 * self.n_kv, self.head_dim)  # (B, q, heads, D)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, q, 1, D)
+        nq, nqk = self.n_heads, self.n_heads + self.n_kv
+        if self.q_norm is None:
+            qk = apply_rotary(qkv[:, :, :nqk], cos, sin)  # (B, q, n_heads + n_kv, D)
+            xq, xk = qk[:, :, :nq], qk[:, :, nq:]
+        else:  # Qwen3: per-head RMSNorm of q and k before RoPE
+            xq = apply_rotary(self.q_norm(qkv[:, :, :nq]), cos, sin)
+            xk = apply_rotary(self.k_norm(qkv[:, :, nq:nqk]), cos, sin)
+        return xq.transpose(1, 2), xk.transpose(1, 2), qkv[:, :, nqk:].transpose(1, 2)
+
     def forward(
         self,
         x: torch.Tensor,  # (B, q, H)
         cos: torch.Tensor,  # (B, q, D)
-        sin: torch.Tensor,
+        sin: torch.Tensor,  # (B, q, D) sign-folded (rope.cos_sin)
         layer_cache: tuple[torch.Tensor, torch.Tensor] | None,  # 2 x (S, n_kv, T, D)
         geo: Geometry,
     ) -> torch.Tensor:
         B, q, _ = x.shape
-        xq, xk, xv = self.wqkv(x).split(self.split, dim=-1)
-        xq = xq.view(B, q, self.n_heads, self.head_dim)
-        xk = xk.view(B, q, self.n_kv, self.head_dim)
-        xv = xv.view(B, q, self.n_kv, self.head_dim)
-        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
-            xq, xk = self.q_norm(xq), self.k_norm(xk)
-        xq = apply_rotary(xq.transpose(1, 2), cos, sin)  # (B, n_heads, q, D)
-        xk = apply_rotary(xk.transpose(1, 2), cos, sin)  # (B, n_kv, q, D)
-        xv = xv.transpose(1, 2)
+        xq, xk, xv = self.project(x, cos, sin)  # (B, n_heads, q, D), 2 x (B, n_kv, q, D)
         if layer_cache is None:
             y = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True, enable_gqa=True)
         else:

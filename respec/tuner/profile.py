@@ -45,7 +45,7 @@ from .controller import CostProfile
 
 DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 64)
 PLAIN_ITERATIONS = 12  # decode iterations per profiled plain engine call (its median is the figure)
-PROFILE_VERSION = 9  # bump when the measurement changes, so stale cached profiles are not reused
+PROFILE_VERSION = 10  # bump when the measurement changes, so stale cached profiles are not reused
 DEFAULT_CONTEXTS = (32, 128, 384)  # KV lengths the verify table is measured at (v9; v4-v8: 96 only)
 
 
@@ -196,8 +196,10 @@ def _fingerprint(model) -> str:
 
 
 def load_or_measure(model, drafter, cache_dir: Path, force: bool = False, **kw) -> CostProfile:
+    from ..models.linear import kernel_tag
+
     key = hashlib.sha256(json.dumps([PROFILE_VERSION, _device_name(model.device), _fingerprint(model), str(model.dtype),
-                                     type(drafter).__name__, sorted(kw.items())]).encode()).hexdigest()[:12]
+                                     kernel_tag(model.device), type(drafter).__name__, sorted(kw.items())]).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"profile-{key}.json"
     if path.is_file() and not force:
         return CostProfile.from_dict(json.loads(path.read_text()))

@@ -60,3 +60,17 @@ def test_whole_proposals_are_profiled_per_k_and_drive_the_round_cost():
     legacy = P.CostProfile.from_dict({k: v for k, v in prof.to_dict().items() if k != "draft_k"})
     assert legacy.draft_cost(2, 3) == 3 * prof.draft[2]  # older profiles: k one-step proposals
 
+
+
+def test_a_cached_profile_is_reused_only_with_the_same_matmul_path(tmp_path, monkeypatch):
+    from respec.models import linear
+
+    target = tiny_lm(0)
+    drafter = DraftModelDrafter(perturbed(target, 0.08, 1))
+    kw = dict(batch_sizes=(1, 2), max_k=1, ctx=8, contexts=(8,), reps=1)
+    P.load_or_measure(target, drafter, tmp_path, **kw)
+    P.load_or_measure(target, drafter, tmp_path, **kw)  # same path: the cached file is reused
+    assert len(list(tmp_path.glob("profile-*.json"))) == 1
+    monkeypatch.setattr(linear, "_ENABLED", not linear._ENABLED)  # costs measured with the other kernels
+    P.load_or_measure(target, drafter, tmp_path, **kw)
+    assert len(list(tmp_path.glob("profile-*.json"))) == 2

@@ -83,6 +83,8 @@ from .replay import (
     select_rollouts,
 )
 
+UPDATE_SECONDS_KEPT = 1024  # learner compute times kept for the overlap benchmark (newest)
+
 
 @dataclass(frozen=True)
 class OnlineDistillConfig(OnlineDistillOptions):
@@ -133,7 +135,8 @@ class OnlineDistiller:
         self.last_error = ""
         self.skipped = 0  # launches skipped because an update was still running (latest mode)
         self.last_stats: dict = {}  # the last good update's learner stats
-        self.update_seconds: dict[int, float] = {}  # version -> the learner's compute for it (swapped-in updates)
+        self.update_seconds: dict[int, float] = {}  # version -> the learner's compute for it (the last
+        #                                             UPDATE_SECONDS_KEPT swapped-in updates; the overlap bench reads it)
         self.wait_s = 0.0  # time the last swap() waited for the learner
         self._inflight: int | None = None  # version launched, not yet taken
         self._ready: LearnResult | None = None  # taken by state(), applied by the next swap()
@@ -191,6 +194,8 @@ class OnlineDistiller:
         self.version, self.last_stats = res.version, res.stats
         if "seconds" in res.stats:
             self.update_seconds[res.version] = res.stats["seconds"]
+            if len(self.update_seconds) > UPDATE_SECONDS_KEPT:  # a long run keeps the recent ones
+                del self.update_seconds[min(self.update_seconds)]
         return True
 
     def metrics(self, step: int) -> dict:

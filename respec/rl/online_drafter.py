@@ -212,9 +212,12 @@ class OnlineDrafter:
     def state(self) -> tuple[dict[str, Tensor], dict]:
         """(tensors, JSON metadata): the distiller's (head, optimizer, buffer, pending update) + the guard."""
         tensors, meta = self.distiller.state()
-        return tensors, {"distiller": meta, "guard": self.guard.state(), "warnings": self.warnings}
+        # last: the last step whose data entered the buffer; with drafter.launch = step_start its update
+        # is submitted later (next step's begin, or finish), so a resumed run must know it
+        return tensors, {"distiller": meta, "guard": self.guard.state(), "warnings": self.warnings, "last": self._last}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         self.distiller.load_state(tensors, meta["distiller"])
         self.guard.load_state(meta["guard"])
         self.warnings = meta["warnings"]
+        self._last = meta.get("last")  # absent in checkpoints written before it was stored

@@ -193,3 +193,28 @@ def test_cli_resume_continues_and_matches_an_uninterrupted_run(actor_dir, tmp_pa
     for k, s, *v in rows(run):
         if (k, s) != ("eval", 2):  # the 3-step run evaluates only before and after
             assert v == whole_rows[(k, s)], (k, s)
+
+
+@pytest.mark.parametrize("launch", ["after_rollout", "step_start"])
+def test_a_run_killed_after_its_last_checkpoint_ends_with_the_same_drafter(make_trainer, tmp_path, monkeypatch,
+                                                                           launch):
+    """Resumed with no step left, fit only runs the end of training: with drafter.launch = step_start
+    that still submits the update of the last step's data (its step is in the checkpoint)."""
+    cfg = resumable_config(drafter={"online": "on", "tokens_per_update": 64, "launch": launch})
+    whole = start(make_trainer, cfg, tmp_path / "whole", eagle_k=2)
+    whole.fit()
+
+    run = tmp_path / "killed"
+    first = start(make_trainer, cfg, run, eagle_k=2)
+    monkeypatch.setattr(first.online, "finish", lambda: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        first.fit()  # all 4 steps done and checkpointed, killed before the end of training
+    assert latest_checkpoint(run / "checkpoints").name == "step-000004"
+
+    second = start(make_trainer, cfg, run, eagle_k=2)
+    state = second.restore()
+    assert state.step == 4
+    second.fit(state.step, History([], []))
+    assert whole.online.distiller.version == second.online.distiller.version == 3
+    final = whole.engine.drafter.head.state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in second.engine.drafter.head.state_dict().items())

@@ -3,6 +3,9 @@
 Fixed active batch (every row generates exactly `new_tokens`, stop tokens ignored), same dtype,
 SDPA attention in both, sampling at temperature 1 with top_k=0 in both (transformers 5 otherwise
 defaults to top_k=50). transformers is imported here only: the benchmark compares against it.
+
+A third arm runs respec with the packed CPU matmuls switched off (models/linear.py: plain
+`F.linear`, i.e. MKL, as transformers uses), so the table also shows what the packing buys.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import load_pretrained, parse_dtype
+from ..models import linear, load_pretrained, parse_dtype
 from ..rollout.engine import Engine, Request
 from ..rollout.sampling import SamplingParams
 from .protocol import device_info, interleaved, ratio_ci, timed, write_results
@@ -50,6 +53,13 @@ def run(args: argparse.Namespace) -> int:
             def run_ours() -> int:
                 return engine.generate(reqs, SamplingParams(1.0)).tokens
 
+            def run_unpacked() -> int:
+                enabled, linear._ENABLED = linear._ENABLED, False
+                try:
+                    return engine.generate(reqs, SamplingParams(1.0)).tokens
+                finally:
+                    linear._ENABLED = enabled
+
             def run_hf() -> int:
                 with torch.no_grad():
                     out = hf.generate(prompts, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
@@ -57,21 +67,29 @@ def run(args: argparse.Namespace) -> int:
                                       pad_token_id=0, attention_mask=torch.ones_like(prompts))
                 return (out.shape[1] - args.prompt_len) * B
 
-            res = interleaved({"respec": lambda: timed(run_ours), "hf": lambda: timed(run_hf)}, reps=args.reps)
+            res = interleaved({"respec": lambda: timed(run_ours), "unpacked": lambda: timed(run_unpacked),
+                               "hf": lambda: timed(run_hf)}, reps=args.reps)
             r = ratio_ci(res["respec"], res["hf"])
-            rec = {"dtype": dtype_name, "batch_size": B, "tokens_per_s_respec": sorted(res["respec"])[len(res["respec"]) // 2],
-                   "tokens_per_s_hf": sorted(res["hf"])[len(res["hf"]) // 2], "speedup": r.as_dict(), "reps": args.reps}
+            r_pack = ratio_ci(res["respec"], res["unpacked"])
+            med = {arm: sorted(v)[len(v) // 2] for arm, v in res.items()}
+            rec = {"dtype": dtype_name, "batch_size": B, "tokens_per_s_respec": med["respec"],
+                   "tokens_per_s_respec_unpacked": med["unpacked"], "tokens_per_s_hf": med["hf"],
+                   "speedup": r.as_dict(), "packed_over_unpacked": r_pack.as_dict(), "reps": args.reps}
             records.append(rec)
-            print(f"{dtype_name:8s} batch {B:3d}: respec {rec['tokens_per_s_respec']:8.0f} tok/s  hf {rec['tokens_per_s_hf']:8.0f} tok/s  "
-                  f"ratio {r.fmt()}", flush=True)
+            print(f"{dtype_name:8s} batch {B:3d}: respec {med['respec']:8.0f} tok/s  unpacked {med['unpacked']:8.0f}  "
+                  f"hf {med['hf']:8.0f} tok/s  ratio {r.fmt()}  packed/unpacked {r_pack.fmt()}", flush=True)
     info = device_info("cpu")
     lines = [f"# Plain decoding: respec vs transformers generate\n", f"device: {info['device_name']}, torch {info['torch']}, "
              f"transformers {info.get('transformers')}, threads {info['threads']}\n", f"command: `{info['command']}`\n",
-             "| dtype | batch | respec tok/s | HF tok/s | respec / HF (95% CI) |", "|---|---|---|---|---|"]
+             "`unpacked` = respec with the packed CPU matmuls off (models/linear.py).\n",
+             "| dtype | batch | respec tok/s | unpacked tok/s | HF tok/s | respec / HF (95% CI) | respec / unpacked (95% CI) |",
+             "|---|---|---|---|---|---|---|"]
     for rec in records:
-        s = rec["speedup"]
-        lines.append(f"| {rec['dtype']} | {rec['batch_size']} | {rec['tokens_per_s_respec']:.0f} | {rec['tokens_per_s_hf']:.0f} | "
-                     f"{s['median']:.2f}x [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] |")
+        s, p = rec["speedup"], rec["packed_over_unpacked"]
+        lines.append(f"| {rec['dtype']} | {rec['batch_size']} | {rec['tokens_per_s_respec']:.0f} | "
+                     f"{rec['tokens_per_s_respec_unpacked']:.0f} | {rec['tokens_per_s_hf']:.0f} | "
+                     f"{s['median']:.2f}x [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] | "
+                     f"{p['median']:.2f}x [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] |")
     write_results(Path(args.out), {"info": info, "model": str(model_dir), "new_tokens": args.new_tokens, "records": records},
                   "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -17,6 +17,8 @@ When the packed path runs (all must hold; otherwise this is exactly nn.Linear):
     timings, so runs stay reproducible.
   * The weight has at least `MIN_WEIGHT_NUMEL` entries (a 29-token LM head is faster unpacked).
   * oneDNN is available and `RESPEC_PACKED_LINEAR` is not "0".
+  * The weight was not created under `torch.inference_mode()` (such tensors have no version
+    counter, so a packed copy could not be checked for staleness).
 
 Staleness is impossible by construction: the packed copy records the weight's storage pointer and
 autograd version counter (bumped by every in-place write: optimizer steps, `load_state_dict`,
@@ -80,6 +82,7 @@ def uses_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.numel() >= MIN_WEIGHT_NUMEL
         and x.numel() >= MIN_ROWS * x.shape[-1]
         and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        and not weight.is_inference()  # made under torch.inference_mode: no version counter to check
     )
 
 

@@ -43,6 +43,15 @@ def test_an_in_place_update_is_never_served_stale():
         torch.testing.assert_close(lin(x), torch.ones(4, 80))
 
 
+def test_a_layer_built_under_inference_mode_runs_unpacked():
+    with torch.inference_mode():
+        lin = _layer()
+        x = torch.randn(4, 48)
+        assert not uses_packed(x, lin.weight)  # no version counter: a packed copy could go stale
+        lin.weight.mul_(3.0)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+
 def test_training_forward_keeps_autograd_and_nn_linear():
     lin = _layer()
     x = torch.randn(4, 48)

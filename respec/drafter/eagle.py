@@ -32,8 +32,8 @@ from torch import nn
 from ..models.cache import KVCache
 from ..models.config import ModelConfig
 from ..models.linear import Linear
-from ..models.rope import cos_sin, inv_frequencies
-from ..models.transformer import MLP, Attention, Geometry, RMSNorm, Transformer, geometry
+from ..models.rope import RopeTable, cos_sin, inv_frequencies
+from ..models.transformer import MLP, Attention, Geometry, RMSNorm, Transformer, attend_cached, geometry
 from ..rollout.sampling import SamplingParams
 from .base import DraftContext, Proposal, sample_drafts_step
 
@@ -94,6 +94,7 @@ class EagleHead(nn.Module):
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         inv_freq, _ = inv_frequencies(lc.rope.__class__(theta=cfg.rope_theta), lc.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_table = RopeTable()  # engine-time steps gather cos/sin from it
 
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> "EagleHead":
         for name, p in self.named_parameters():
@@ -107,9 +108,8 @@ class EagleHead(nn.Module):
         return self
 
     # ---- one layer, two attention modes ---------------------------------------------------------
-    def _qkv(self, embeds, feats, positions):
+    def _qkv(self, embeds, feats, cos, sin):
         x = torch.cat([self.input_norm(embeds), self.hidden_norm(feats)], dim=-1)  # (B, q, 2H)
-        cos, sin = cos_sin(self.inv_freq, 1.0, positions, embeds.dtype)
         return self.attn.project(x, cos, sin)  # (B, n_heads, q, D), 2 x (B, n_kv, q, D)
 
     def _finish(self, feats, attn_out):
@@ -121,13 +121,9 @@ class EagleHead(nn.Module):
         """Cached forward of q entries per row at positions start + arange(q) -> output hidden (B, q, H)."""
         B, q, _ = embeds.shape
         geo: Geometry = geometry(B, q, start, cache.max_len, embeds.device)
-        xq, xk, xv = self._qkv(embeds, feats, geo.positions)
-        rows = torch.arange(B, device=embeds.device)[:, None]
-        cache.k[0][rows, :, geo.positions] = xk.transpose(1, 2)
-        cache.v[0][rows, :, geo.positions] = xv.transpose(1, 2)
-        keys, values = cache.k[0][:B, :, : geo.kv_len], cache.v[0][:B, :, : geo.kv_len]
-        y = F.scaled_dot_product_attention(xq, keys, values, attn_mask=geo.mask, enable_gqa=True)
-        return self._finish(feats, y)
+        cos, sin = self.rope_table(self.inv_freq, 1.0, geo.positions, embeds.dtype, cache.max_len)
+        xq, xk, xv = self._qkv(embeds, feats, cos, sin)
+        return self._finish(feats, attend_cached(xq, xk, xv, cache.k[0], cache.v[0], geo))
 
     @staticmethod
     def embed(target: Transformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -154,6 +150,7 @@ class EagleHead(nn.Module):
         n = T - 1
         embeds = self.embed(target, tokens[:, 1:])  # (B, n, H): token i+1 for entry i
         positions = torch.arange(n, device=tokens.device).expand(B, n)
+        cos, sin = cos_sin(self.inv_freq, 1.0, positions, embeds.dtype)
         feats = self.fc(target_feats[:, :n])  # (B, n, H)
         keys, values, outs = [], [], []
         a = self.attn
@@ -162,7 +159,7 @@ class EagleHead(nn.Module):
         for s in range(1, depth + 1):
             if s > 1:  # drafter's own previous output at entry i-1 becomes the feature of entry i
                 feats = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
-            xq, xk, xv = self._qkv(embeds, feats, positions)
+            xq, xk, xv = self._qkv(embeds, feats, cos, sin)
             keys.append(xk.repeat_interleave(rep, dim=1))
             values.append(xv.repeat_interleave(rep, dim=1))
             scale = 1.0 / math.sqrt(a.head_dim)

@@ -89,3 +89,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Non-interleaved (rotate-half) RoPE of HF Llama: x (..., D); cos and the sign-folded sin from
     `cos_sin`, broadcastable to x."""
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
+
+
+class RopeTable:
+    """cos_sin for positions [0, n), computed once and gathered per cached forward (a decode step
+    then pays 2 index kernels instead of ~8). Same values bit for bit: each entry is the same
+    float32 product and cos/sin as cos_sin computes for that position."""
+
+    def __init__(self) -> None:
+        self._table: tuple | None = None  # (n, dtype, device, cos (n, D), sin (n, D))
+
+    def __call__(self, inv_freq: torch.Tensor, scaling: float, positions: torch.Tensor, dtype: torch.dtype,
+                 n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (...) all < n -> cos, sin (..., D), as cos_sin(inv_freq, scaling, positions, dtype)."""
+        t = self._table
+        if t is None or t[0] < n or t[1] != dtype or t[2] != inv_freq.device:
+            cos, sin = cos_sin(inv_freq, scaling, torch.arange(n, device=inv_freq.device), dtype)
+            t = self._table = (n, dtype, inv_freq.device, cos, sin)
+        return t[3][positions], t[4][positions]

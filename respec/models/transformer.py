@@ -28,7 +28,7 @@ from torch import nn
 from .cache import KVCache
 from .config import ModelConfig
 from .linear import Linear
-from .rope import apply_rotary, cos_sin, inv_frequencies
+from .rope import RopeTable, apply_rotary, cos_sin, inv_frequencies
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Geometry:
     mask: torch.Tensor | None  # (B, 1, q, kv_len) bool, True = may attend; None = plain causal
     kv_len: int  # keys read from the cache: [0, kv_len)
     cached: bool
+    rows: torch.Tensor | None = None  # (B, 1) cache slot of each row (cached forwards)
 
 
 def geometry(B: int, q: int, start: torch.Tensor | None, max_len: int | None, device) -> Geometry:
@@ -74,11 +75,23 @@ def geometry(B: int, q: int, start: torch.Tensor | None, max_len: int | None, de
     kv_len = hi + 1
     if max_len is not None and kv_len > max_len:
         raise ValueError(f"KV cache overflow: need {kv_len} positions, cache holds {max_len}")
+    rows = torch.arange(B, device=device)[:, None]  # (B, 1)
     if q == 1 and lo == kv_len - 1:  # one token per row, all rows at the same position: nothing to mask
-        return Geometry(positions, None, kv_len, cached=True)
+        return Geometry(positions, None, kv_len, cached=True, rows=rows)
     key_pos = torch.arange(kv_len, device=device)
     mask = (key_pos[None, :] <= positions[:, :, None])[:, None]  # (B, 1, q, kv_len)
-    return Geometry(positions, mask, kv_len, cached=True)
+    return Geometry(positions, mask, kv_len, cached=True, rows=rows)
+
+
+def attend_cached(xq, xk, xv, k_cache: torch.Tensor, v_cache: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """Write this forward's keys / values (B, n_kv, q, D) into cache slots [0, B) at geo.positions,
+    then attend the queries (B, n_heads, q, D) to each row's [0, kv_len) under geo.mask -> (B, n_heads, q, D).
+    Caches: (S, n_kv, T, D) for one layer."""
+    B = xq.shape[0]
+    k_cache[geo.rows, :, geo.positions] = xk.transpose(1, 2)  # (B, q, n_kv, D)
+    v_cache[geo.rows, :, geo.positions] = xv.transpose(1, 2)
+    keys, values = k_cache[:B, :, : geo.kv_len], v_cache[:B, :, : geo.kv_len]  # (B, n_kv, kv_len, D)
+    return F.scaled_dot_product_attention(xq, keys, values, attn_mask=geo.mask, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -122,12 +135,7 @@ class Attention(nn.Module):
         if layer_cache is None:
             y = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True, enable_gqa=True)
         else:
-            k_cache, v_cache = layer_cache
-            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-            k_cache[rows, :, geo.positions] = xk.transpose(1, 2)  # (B, q, n_kv, D) into slots [0, B)
-            v_cache[rows, :, geo.positions] = xv.transpose(1, 2)
-            keys, values = k_cache[:B, :, : geo.kv_len], v_cache[:B, :, : geo.kv_len]  # (B, n_kv, kv_len, D)
-            y = F.scaled_dot_product_attention(xq, keys, values, attn_mask=geo.mask, enable_gqa=True)
+            y = attend_cached(xq, xk, xv, *layer_cache, geo)
         return self.wo(y.transpose(1, 2).reshape(B, q, -1))
 
 
@@ -171,6 +179,7 @@ class Transformer(nn.Module):
         inv_freq, scaling = inv_frequencies(cfg.rope, cfg.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scaling = scaling
+        self.rope_table = RopeTable()  # cached forwards gather cos/sin from it
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "Transformer":
         """Random init for models trained from scratch (the built-in actor, tests)."""
@@ -210,7 +219,10 @@ class Transformer(nn.Module):
         if cache is not None and start is None:
             raise ValueError("cached forward needs `start` (per-row committed lengths)")
         geo = geometry(B, q, start if cache is not None else None, cache.max_len if cache else None, device)
-        cos, sin = cos_sin(self.inv_freq, self.rope_scaling, geo.positions, self.dtype)
+        if cache is not None:
+            cos, sin = self.rope_table(self.inv_freq, self.rope_scaling, geo.positions, self.dtype, cache.max_len)
+        else:
+            cos, sin = cos_sin(self.inv_freq, self.rope_scaling, geo.positions, self.dtype)
 
         x = self.embed(tokens)  # (B, q, H)
         captured: dict[int, torch.Tensor] = {}  # layer index -> its output (B, q, H)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from respec.drafter import DraftContext, DrafterError, EagleDrafter, default_feature_layers, load_eagle, save_eagle
+from respec.models.rope import cos_sin
 from respec.rollout.sampling import SamplingParams, transform
 
 from .conftest import VOCAB, tiny_head, tiny_target
@@ -28,7 +29,8 @@ ATOL = 1e-5
 def _causal_forward(head, embeds, feats):
     """The head's layer over all entries at once, plain causal attention, no cache: (1, n, H)."""
     n = embeds.shape[1]
-    xq, xk, xv = head._qkv(embeds, feats, torch.arange(n)[None])
+    cos, sin = cos_sin(head.inv_freq, 1.0, torch.arange(n)[None], embeds.dtype)  # the function, not the table
+    xq, xk, xv = head._qkv(embeds, feats, cos, sin)
     y = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True, enable_gqa=True)
     return head._finish(feats, y)
 

@@ -47,10 +47,21 @@ PACK_HINT_ROWS = 64  # oneDNN's layout hint: measured best or tied for 2..384 ro
 
 
 def _available() -> bool:
+    """oneDNN's packed linear is present and gives F.linear's result on a small probe (some builds,
+    e.g. other CPU architectures, lack the ops or fail in them: those keep nn.Linear)."""
     if os.environ.get("RESPEC_PACKED_LINEAR", "1") == "0":
         return False
     ops = torch.ops.mkldnn
-    return torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_reorder_linear_weight")):
+        return False
+    try:
+        with torch.no_grad():
+            w, x = torch.linspace(-1, 1, 96).view(12, 8), torch.linspace(0, 1, 24).view(3, 8)
+            got = ops._linear_pointwise(x, ops._reorder_linear_weight(w, PACK_HINT_ROWS), None, "none", [], "")
+            return bool(torch.allclose(got, F.linear(x, w), atol=1e-5))
+    except Exception:  # noqa: BLE001 - any failure means: do not use it
+        return False
 
 
 _ENABLED = _available()

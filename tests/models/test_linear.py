@@ -83,3 +83,14 @@ def test_state_dict_and_deepcopy_never_see_the_packed_copy():
         x = torch.randn(4, 48)
         torch.testing.assert_close(twin(x), twin.bias.expand(4, 80))  # the copy packs its own weight
         assert lin(x).abs().sum() > 0  # and the original is untouched
+
+
+def test_a_build_whose_packed_ops_fail_keeps_nn_linear(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    assert linear._available()
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken)
+    assert not linear._available()
+    monkeypatch.setenv("RESPEC_PACKED_LINEAR", "0")
+    assert not linear._available()

@@ -54,11 +54,8 @@ def run(args: argparse.Namespace) -> int:
                 return engine.generate(reqs, SamplingParams(1.0)).tokens
 
             def run_unpacked() -> int:
-                enabled, linear._ENABLED = linear._ENABLED, False
-                try:
+                with linear.packed_off():
                     return engine.generate(reqs, SamplingParams(1.0)).tokens
-                finally:
-                    linear._ENABLED = enabled
 
             def run_hf() -> int:
                 with torch.no_grad():

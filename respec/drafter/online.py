@@ -38,9 +38,9 @@ and the cap bounds the correction (at most 4:1 between any two sequences).
 
 Default budget: one optimizer step over 256 tokens per step, so the learner's compute stays under
 10% of a step. Measured by `respec bench overlap --reps 7` (built-in actor and head, static k=3,
-this 2-core machine; benchmarks/results/overlap.md): 0.062 s per update run inline on the
-trainer's 2 threads, 5% of the 1.14 s frozen step (0.104 s in the 1-thread learner process beside
-the trainer). At the former default of 1,024 tokens an update took 0.42 s before the records kept
+this 2-core machine; benchmarks/results/overlap.md, session 8): 0.069 s per update run inline on
+the trainer's 2 threads, 6% of the 1.16 s frozen step (0.107 s in the 1-thread learner process
+beside the trainer). At the former default of 1,024 tokens an update took 0.42 s before the records kept
 their prompt as context and 0.59-0.76 s after (side runs), half a step. A step of 32
 rollouts commits ~1,800 tokens, a quarter of which are kept, and updates sample the newest 4 steps.
 

@@ -10,25 +10,26 @@ rows per sequence) and batched decode steps 1.2-2x cheaper per matmul. `benchmar
 and `rollout.md` show the end-to-end effect; `respec bench decode` measures it against transformers.
 
 When the packed path runs (all must hold; otherwise this is exactly nn.Linear):
-  * CPU, fp32 or bf16 (where the CPU has native bf16 dot products), autograd off (`torch.no_grad()` / inference mode: the engine and every
-    teacher-forced scoring pass). Training forwards keep nn.Linear, so gradients are untouched.
+  * CPU, fp32 or bf16 (where the CPU has native bf16 dot products), autograd off (`torch.no_grad()`:
+    the engine and every teacher-forced scoring pass). Training forwards keep nn.Linear, so
+    gradients are untouched.
+  * oneDNN passed the import-time probe (`_available`) and `RESPEC_PACKED_LINEAR` is not "0".
   * At least `MIN_ROWS` input rows: for one row MKL's gemv is as fast or faster for the small
     matrices, so single-row decode keeps it. The choice depends on the input shape only, never on
     timings, so runs stay reproducible.
   * The weight has at least `MIN_WEIGHT_NUMEL` entries (a 29-token LM head is faster unpacked).
-  * oneDNN is available and `RESPEC_PACKED_LINEAR` is not "0".
   * The weight was not created under `torch.inference_mode()` (such tensors have no version
     counter, so a packed copy could not be checked for staleness).
 
 Staleness is impossible by construction: the packed copy records the weight's storage pointer and
 autograd version counter (bumped by every in-place write: optimizer steps, `load_state_dict`,
 `copy_`), and is rebuilt on the next call after any change. This is the actor-side twin of a stale
-drafter, and the engine's weight-sync test would catch it.
+drafter; tests/rl/test_trainer.py's engine-vs-trainer log-prob tests fail without the check.
 
 Numerics: oneDNN accumulates in a different order than MKL, so outputs differ at float rounding
 level (~3e-6 relative in fp32); the logit-parity and log-prob-gap tests bound the end-to-end effect.
-The packed copies live in a side table keyed by the weight's identity, not in the module: state_dict, deepcopy, pickling
-and `.to()` never see them, and they die with their weight. They cost one extra copy of each packed
+The packed copies live in a side table keyed by the weight's identity, not in the module:
+state_dict, deepcopy, pickling and `.to()` never see them, and they die with their weight. They cost one extra copy of each packed
 weight in memory.
 """
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +66,16 @@ def _available() -> bool:
         return False
 
 
+def _bf16_native() -> bool:
+    """The CPU has native bf16 dot products (else oneDNN's bf16 is a slow reference path)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _ENABLED = _available()
-_BF16 = _ENABLED and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # else oneDNN's bf16 is a slow reference path
+_BF16 = _ENABLED and _bf16_native()
 # id(weight) -> (storage pointer, version counter, dtype, packed weight); an entry is dropped when
 # its weight is garbage-collected (tensors compare elementwise, so they cannot be dict keys themselves)
 _PACKED: dict[int, tuple] = {}
@@ -95,6 +105,17 @@ def uses_packed(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         and not weight.is_inference()  # made under torch.inference_mode: no version counter to check
     )
+
+
+@contextmanager
+def packed_off():
+    """Run the block with plain F.linear everywhere (the decode benchmark's unpacked arm)."""
+    global _ENABLED
+    enabled, _ENABLED = _ENABLED, False
+    try:
+        yield
+    finally:
+        _ENABLED = enabled
 
 
 def kernel_tag(device: torch.device | str) -> str:

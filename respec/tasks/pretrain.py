@@ -51,7 +51,7 @@ class PretrainConfig:
     weight_decay: float = _help("AdamW weight decay", 0.05)
     seed: int = _help("initialisation and data seed", 0)
     task_seed: int = _help("seed of the arithmetic task stream", 0)
-    bf16_autocast: bool = _help("bf16 autocast for the forward (CPU and CUDA)", True)
+    bf16_autocast: bool = _help("bf16 autocast for the forward (pretraining runs on the CPU)", True)
     eval_problems: int = _help("held-out problems scored after training", 200)
     output: str = _help("where to save; empty = the shared cache (reused by every command)", "")
     force: bool = _help("rebuild even if a cached actor exists", False)

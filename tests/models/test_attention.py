@@ -79,3 +79,40 @@ def test_cpu_autocast_takes_the_grouped_form(monkeypatch):
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
     model(tokens)
     assert calls == [torch.float32] * cfg.num_layers
+
+
+def _cached_logits(model, prompt, start2, step2):
+    cache = model.new_cache(prompt.shape[0], 32)
+    model(prompt, start=torch.zeros(prompt.shape[0], dtype=torch.long), cache=cache)
+    return model(step2, start=start2, cache=cache).logits.float()
+
+
+@pytest.mark.parametrize("q", [1, 3])
+def test_cached_bf16_rows_take_the_grouped_form_and_match_sdpa(monkeypatch, q):
+    """16 rows at different lengths (ragged: keys past a row's length hold stale K/V the mask must
+    hide) with q query tokens each: the grouped form is taken and gives SDPA's logits (bf16)."""
+    cfg = ModelConfig(arch="qwen2", vocab_size=50, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+    model = Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    B = 16
+    prompt = torch.randint(0, 50, (B, 12), generator=g)
+    start2 = torch.randint(4, 12, (B,), generator=g)  # rows roll back to different lengths
+    step2 = torch.randint(0, 50, (B, q), generator=g)
+    used = []
+    real = tmod.grouped_attention
+    monkeypatch.setattr(tmod, "grouped_attention", lambda *a: used.append(1) or real(*a))
+    with torch.no_grad():
+        got = _cached_logits(model, prompt, start2, step2)
+        assert len(used) == 2 * cfg.num_layers  # prefill (16 rows) and the ragged step
+        monkeypatch.setattr(tmod, "grouped_pays", lambda *a: False)
+        want = _cached_logits(model, prompt, start2, step2)
+    assert len(used) == 2 * cfg.num_layers
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_grouped_pays_only_for_low_precision_cpu_batches():
+    bf, fp = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert tmod.grouped_pays(bf, 16, 4) and tmod.grouped_pays(bf, 8, 1)
+    assert not tmod.grouped_pays(bf, 8, 4) and not tmod.grouped_pays(bf, 2, 1)
+    assert not tmod.grouped_pays(fp, 64, 1)

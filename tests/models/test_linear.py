@@ -94,3 +94,18 @@ def test_a_build_whose_packed_ops_fail_keeps_nn_linear(monkeypatch):
     assert not linear._available()
     monkeypatch.setenv("RESPEC_PACKED_LINEAR", "0")
     assert not linear._available()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_fp32_row_runs_on_the_transposed_copy(bias):
+    lin = _layer(bias=bias)
+    with torch.no_grad():
+        for shape in [(1, 48), (1, 1, 48)]:
+            x = torch.randn(*shape)
+            assert linear.path(x, lin.weight) == "transposed"
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+        assert linear.path(torch.randn(1, 48).bfloat16(), lin.weight.bfloat16()) == "plain"
+        lin.weight.mul_(-2.0)  # the transposed copy is rebuilt after an in-place write, like the packed one
+        x = torch.randn(1, 48)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    assert set(lin.state_dict()) == ({"weight", "bias"} if bias else {"weight"})

@@ -86,7 +86,8 @@ def geometry(B: int, q: int, start: torch.Tensor | None, max_len: int | None, de
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def grouped_attention(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+def grouped_attention(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor,
+                      allowed: torch.Tensor | None) -> torch.Tensor:
     """Attention as HF's eager form computes it (scores in the input precision, softmax in fp32,
     probabilities cast back), without repeating K/V per query head: the `rep` query heads that share
     a K/V head are stacked along the query axis of one matmul. xq (B, n_heads, q, D), xk / xv
@@ -101,7 +102,8 @@ def grouped_attention(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, allo
     rep = H // n_kv
     scores = (xq * D**-0.5).reshape(B, n_kv, rep * q, D) @ xk.transpose(-1, -2)  # head g * rep + j -> row j * q + t
     if allowed is not None:
-        scores = scores.view(B, n_kv, rep, q, kv).masked_fill(~allowed[:, :, None], float("-inf")).view(B, n_kv, rep * q, kv)
+        hidden = ~allowed[:, :, None]  # (B or 1, 1, 1, q, kv) against scores viewed (B, n_kv, rep, q, kv)
+        scores = scores.view(B, n_kv, rep, q, kv).masked_fill(hidden, float("-inf")).view(B, n_kv, rep * q, kv)
     probs = scores.softmax(-1, dtype=torch.float32).to(xq.dtype)
     return (probs @ xv).view(B, H, q, D)
 
@@ -110,9 +112,10 @@ def causal_attention(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> to
     """Full causal self-attention, queries (B, n_heads, T, D) over keys / values (B, n_kv, T, D):
     SDPA, except for bf16 / fp16 on CPU, including under CPU autocast (grouped_attention: a
     bf16-autocast pretraining step of the built-in actor ~20% faster)."""
-    if xq.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in LOW_PRECISION:
+    if xq.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-        xq, xk, xv = xq.to(dtype), xk.to(dtype), xv.to(dtype)
+        if dtype in LOW_PRECISION:
+            xq, xk, xv = xq.to(dtype), xk.to(dtype), xv.to(dtype)
     if xq.device.type != "cpu" or xq.dtype not in LOW_PRECISION:
         return F.scaled_dot_product_attention(xq, xk, xv, is_causal=True, enable_gqa=True)
     T = xq.shape[2]

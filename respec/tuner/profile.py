@@ -11,7 +11,10 @@
                   more than a few rows some row accepted everything (k + 1 tokens); profiles v4-v7
                   caught up over 2. Measured at the reference context only (a one-layer drafter's
                   attention is a small part of a round).
-    round[B]      per-round sampling and accept/reject bookkeeping outside the two forwards
+    round[B]      per-round sampling and accept/reject bookkeeping outside the two forwards. The
+                  round's uniforms are drawn from a table made once, as the engine gathers them from
+                  its per-row table (filled at admission); v4-v10 hashed them inside the timed call,
+                  ~0.46 ms of a ~0.9 ms figure at one row, which the engine never pays per round
     iteration[B]  the engine's bookkeeping around every iteration, plain or speculative: its
                   policy call, uniform gathers and commit (host copies, per-row records), i.e. a
                   plain engine iteration's wall minus its forward-and-sample, paired within each
@@ -45,7 +48,7 @@ from .controller import CostProfile
 
 DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 64)
 PLAIN_ITERATIONS = 12  # decode iterations per profiled plain engine call (its median is the figure)
-PROFILE_VERSION = 10  # bump when the measurement changes, so stale cached profiles are not reused
+PROFILE_VERSION = 11  # bump when the measurement changes, so stale cached profiles are not reused
 DEFAULT_CONTEXTS = (32, 128, 384)  # KV lengths the verify table is measured at (v9; v4-v8: 96 only)
 
 
@@ -151,9 +154,9 @@ def measure_profile(model, drafter, batch_sizes=DEFAULT_GRID, max_k: int = 8, ct
         dtoks = torch.randint(0, V, (B, k), device=dev)
         keys = torch.arange(B, device=dev)
 
-        def round_overhead(start=start, logits=logits, dprobs=dprobs, dtoks=dtoks, keys=keys):
-            pos = start[:, None] + torch.arange(3 * k + 1, device=dev)
-            u = rng.uniforms(keys, pos, 0)
+        u_round = rng.uniforms(keys, start[:, None] + torch.arange(3 * k + 1, device=dev), 0)
+
+        def round_overhead(logits=logits, dprobs=dprobs, dtoks=dtoks, u=u_round):
             tp = transform(logits, SamplingParams(1.0), validate=False).probs
             v = verify_drafts(tp, dprobs, dtoks, u[:, :k], u[:, k : 2 * k + 1])
             v.n_emitted.tolist()

@@ -1,11 +1,13 @@
 """Plain decoding throughput: respec's engine vs transformers `generate` on the same checkpoint.
 
 Fixed active batch (every row generates exactly `new_tokens`, stop tokens ignored), same dtype,
-SDPA attention in both, sampling at temperature 1 with top_k=0 in both (transformers 5 otherwise
+SDPA attention in transformers and respec's own path in respec (SDPA, or for bf16 on CPU at 16+
+rows the grouped eager form of models/transformer.py), sampling at temperature 1 with top_k=0 in both (transformers 5 otherwise
 defaults to top_k=50). transformers is imported here only: the benchmark compares against it.
 
-A third arm runs respec with the packed CPU matmuls switched off (models/linear.py: plain
-`F.linear`, i.e. MKL, as transformers uses), so the table also shows what the packing buys.
+A third arm runs respec with its cached weight layouts switched off (models/linear.py: packed for
+2+ rows, transposed for one fp32 row; `packed_off()` leaves plain `F.linear`, i.e. MKL, as
+transformers uses), so the table also shows what the layouts buy.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     info = device_info("cpu")
     lines = [f"# Plain decoding: respec vs transformers generate\n", f"device: {info['device_name']}, torch {info['torch']}, "
              f"transformers {info.get('transformers')}, threads {info['threads']}\n", f"command: `{info['command']}`\n",
-             "`unpacked` = respec with the packed CPU matmuls off (models/linear.py).\n",
+             "`unpacked` = respec with its cached weight layouts (packed, transposed) off: plain F.linear (models/linear.py).\n",
              "| dtype | batch | respec tok/s | unpacked tok/s | HF tok/s | respec / HF (95% CI) | respec / unpacked (95% CI) |",
              "|---|---|---|---|---|---|---|"]
     for rec in records:

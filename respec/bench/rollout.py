@@ -35,7 +35,9 @@ from .protocol import device_info, interleaved, ratio_ci, timed, write_results
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="actor dir (default: the built-in actor)")
     p.add_argument("--drafter", default="", help="EAGLE drafter dir (default: the built-in actor's cached drafter)")
-    p.add_argument("--draft-model", default="", help="standalone draft LM for the transformers assisted baseline")
+    p.add_argument("--draft-model", default="builtin",
+                   help="standalone draft LM (HF dir) for the transformers assisted baseline; 'builtin' = the cached "
+                        "small draft LM (built on first use); '' = skip assisted generation")
     p.add_argument("--batches", default="1,2,4,8,16,32,64")
     p.add_argument("--ks", default="1,2,3,4,5,6,7,8")
     p.add_argument("--temperatures", default="1.0,0.0")
@@ -52,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from ..generate import builtin_actor_dir, load_drafter
 
     model_dir = Path(args.model) if args.model else builtin_actor_dir()
+    if not args.skip_hf:  # resolved (built, or checked) before the long measurements
+        args.draft_model = _draft_model_dir(args.draft_model)
     drafter_dir = Path(args.drafter) if args.drafter else _builtin_drafter(model_dir)
     pre = load_pretrained(model_dir)
     model, tok = pre.model, pre.tokenizer
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     hf = {} if args.skip_hf else hf_baselines(model_dir, args, tok, task)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = device_info()
-    payload = {"info": info, "model": str(model_dir), "drafter": str(drafter_dir), "new_tokens": args.new_tokens,
+    payload = {"info": info, "model": str(model_dir), "drafter": str(drafter_dir), "drafter_kind": type(drafter).__name__,
+               "new_tokens": args.new_tokens,
                "records": records, "costs_s": costs.to_dict(), "whole_rollouts": rollouts,
                "hf_baselines": hf, "peak_rss_mb": round(peak_mb, 1), "rss_before_mb": round(peak0 / 1024, 1)}
     md = render_table(payload)
@@ -171,7 +176,7 @@ def hf_baselines(model_dir: Path, args, tok, task) -> dict:
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     draft_dir = Path(args.draft_model) if args.draft_model else None
     assistant = None
-    if draft_dir is not None and (draft_dir / "config.json").is_file():
+    if draft_dir is not None:
         assistant = transformers.AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32,
                                                                       attn_implementation="sdpa").eval()
     p = task.problems(0, 1)[0]
@@ -205,7 +210,8 @@ def hf_baselines(model_dir: Path, args, tok, task) -> dict:
 
 def render_table(payload: dict) -> str:
     info = payload["info"]
-    lines = ["# Rollout benchmark: plain vs speculative (EAGLE drafter), built-in actor\n",
+    kind = {"EagleDrafter": "EAGLE drafter", "DraftModelDrafter": "standalone draft LM"}.get(payload.get("drafter_kind"), "EAGLE drafter")
+    lines = [f"# Rollout benchmark: plain vs speculative ({kind}), built-in actor\n", f"drafter: `{payload['drafter']}`\n",
              f"device: {info['device_name']}, torch {info['torch']}, threads {info['threads']}, fp32; "
              f"peak RSS {payload['peak_rss_mb']} MB\n", f"command: `{info['command']}`\n",
              "Fixed active batch, stop tokens ignored. Speedup = spec tok/s / plain tok/s, median of interleaved "
@@ -257,6 +263,16 @@ def plot_rollout(payload: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _draft_model_dir(arg: str) -> str:
+    if arg == "builtin":
+        from ..tasks.pretrain import ensure_builtin_draft_lm
+
+        return str(ensure_builtin_draft_lm())
+    if arg and not (Path(arg) / "config.json").is_file():
+        raise SystemExit(f"--draft-model {arg}: no config.json (not an HF checkpoint directory)")
+    return arg
 
 
 def _builtin_drafter(model_dir: Path) -> Path:

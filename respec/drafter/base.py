@@ -27,5 +27,5 @@ def sample_drafts_step(logits: torch.Tensor, sampling: SamplingParams, u: torch.
 
     ok = torch.isfinite(logits).all(dim=-1)  # (B,)
     logits = torch.where(ok[:, None], logits, torch.zeros_like(logits))
-    probs = transform(logits.float(), sampling).probs  # (B, V)
+    probs = transform(logits.float(), sampling, validate=False).probs  # (B, V): non-finite rows replaced above
     return sample(probs, u), probs, ok

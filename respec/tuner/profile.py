@@ -198,11 +198,26 @@ def _fingerprint(model) -> str:
     return f"{c.arch}-h{c.hidden_size}-l{c.num_layers}-v{c.vocab_size}-i{c.intermediate_size}"
 
 
+def _drafter_fingerprint(drafter) -> str:
+    """What a drafter step's cost depends on: its kind and its shape (a standalone draft LM's size,
+    an EAGLE head's widths), so two drafters of one class never share a profile."""
+    if drafter is None:
+        return "none"
+    shape = ""
+    if getattr(drafter, "model", None) is not None:  # DraftModelDrafter
+        shape = _fingerprint(drafter.model)
+    elif getattr(drafter, "head", None) is not None:  # EagleDrafter
+        c = drafter.head.cfg
+        shape = f"h{c.hidden_size}-i{c.intermediate_size}-f{len(c.feature_layers)}-v{c.vocab_size}"
+    return f"{type(drafter).__name__}:{shape}"
+
+
 def load_or_measure(model, drafter, cache_dir: Path, force: bool = False, **kw) -> CostProfile:
     from ..models.linear import kernel_tag
 
     key = hashlib.sha256(json.dumps([PROFILE_VERSION, _device_name(model.device), _fingerprint(model), str(model.dtype),
-                                     kernel_tag(model.device), type(drafter).__name__, sorted(kw.items())]).encode()).hexdigest()[:12]
+                                     kernel_tag(model.device), _drafter_fingerprint(drafter),
+                                     sorted(kw.items())]).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"profile-{key}.json"
     if path.is_file() and not force:
         return CostProfile.from_dict(json.loads(path.read_text()))

@@ -31,3 +31,32 @@ def test_pretrain_writes_a_transformers_loadable_checkpoint_and_reuses_it(tmp_pa
                          tokens_per_step=512, eval_problems=2, output=str(out))
     assert ensure_builtin_actor(cfg) == out  # cached: not rebuilt
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_builtin_draft_lm_is_a_smaller_model_on_the_actors_tokenizer_in_its_own_cache_entry(tmp_path, monkeypatch):
+    """The assisted-generation baseline's draft LM: built by the actor's recipe (same vocabulary and
+    special tokens, which transformers' assisted generation requires), cheaper per token, and cached
+    under its own name so it never shadows the actor."""
+    from respec.tasks import pretrain
+
+    actor, draft = PretrainConfig(), PretrainConfig(**pretrain.DRAFT_LM)
+    a, d = actor.model_config(), draft.model_config()
+    assert (d.vocab_size, d.bos_token_id, d.eos_token_ids, d.pad_token_id) == \
+        (a.vocab_size, a.bos_token_id, a.eos_token_ids, a.pad_token_id)
+    assert d.hidden_size * d.num_layers < a.hidden_size * a.num_layers
+    assert draft.cache_key() != actor.cache_key()
+    built = []
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(pretrain, "pretrain", lambda cfg, out, progress: built.append((cfg, out)) or {})
+    out = pretrain.ensure_builtin_draft_lm(progress=False)
+    assert out == tmp_path / f"draft-lm-{draft.cache_key()}" and built == [(draft, out)]
+
+
+def test_rollout_bench_refuses_a_draft_model_dir_without_a_checkpoint_before_measuring(tmp_path):
+    import pytest
+
+    from respec.bench.rollout import _draft_model_dir
+
+    assert _draft_model_dir("") == ""  # no assisted baseline
+    with pytest.raises(SystemExit, match="no config.json"):
+        _draft_model_dir(str(tmp_path))

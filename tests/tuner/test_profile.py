@@ -74,3 +74,19 @@ def test_a_cached_profile_is_reused_only_with_the_same_matmul_path(tmp_path, mon
     monkeypatch.setattr(linear, "_ENABLED", not linear._ENABLED)  # costs measured with the other kernels
     P.load_or_measure(target, drafter, tmp_path, **kw)
     assert len(list(tmp_path.glob("profile-*.json"))) == 2
+
+
+def test_a_cached_profile_is_not_reused_for_a_drafter_of_another_size(tmp_path):
+    """Two standalone draft LMs of one class but different depth cost differently per step: each
+    gets its own cached profile (a shared one would feed the controller the other drafter's costs)."""
+    from respec.models import ModelConfig, Transformer
+
+    target = tiny_lm(0)
+    shallow = Transformer(ModelConfig(arch="qwen2", vocab_size=target.cfg.vocab_size, hidden_size=64,
+                                      intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2)).eval()
+    kw = dict(batch_sizes=(1,), max_k=1, ctx=8, contexts=(8,), reps=1)
+    P.load_or_measure(target, DraftModelDrafter(perturbed(target, 0.08, 1)), tmp_path, **kw)
+    P.load_or_measure(target, DraftModelDrafter(shallow), tmp_path, **kw)
+    assert len(list(tmp_path.glob("profile-*.json"))) == 2
+    P.load_or_measure(target, DraftModelDrafter(perturbed(target, 0.2, 2)), tmp_path, **kw)  # same shape: reused
+    assert len(list(tmp_path.glob("profile-*.json"))) == 2

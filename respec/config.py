@@ -44,7 +44,8 @@ class GenerateConfig:
     top_p: float = _help("nucleus sampling mass (1 = off)", 1.0)
     top_k: int = _help("top-k filter (0 = off)", 0)
     chat_template: bool = _help("apply the checkpoint's chat template to text prompts", False)
-    drafter: str = _help("drafter directory (EAGLE head or a standalone draft LM checkpoint)", "")
+    drafter: str = _help("drafter directory (EAGLE head or a standalone draft LM checkpoint), or builtin:eagle | "
+                         "builtin:lm (the built-in actor's; built once and cached)", "")
     spec: str = _help("speculation: adaptive (the tuner picks off or k each decode iteration) | off | K (static draft length, "
                       "SGLang speculative_num_steps = K); adaptive without a drafter decodes plainly", "adaptive")
     speculative_num_steps: int = _help("SGLang's name: the deepest draft the adaptive tuner may choose (1..16)", 8)
@@ -330,7 +331,8 @@ class TrainRolloutConfig:
     speculative_num_steps: int = _help("SGLang's name: the deepest draft the adaptive tuner may choose (1..16)", 8)
     speculative_num_draft_tokens: int = _help(
         "SGLang's name: tokens verified per row per round; chain drafts verify num_steps + 1 (0 = derived)", 0)
-    drafter: str = _help("drafter directory (EAGLE head or draft LM checkpoint) for rollout.spec", "")
+    drafter: str = _help("drafter directory (EAGLE head or draft LM checkpoint) for rollout.spec, or builtin:eagle "
+                         "(the built-in actor's default) | builtin:lm (its small standalone draft LM)", "")
     max_batch: int = _help("maximum rows the engine decodes together", 128)
 
 

@@ -65,12 +65,7 @@ def run_profile_cli(cfg, args) -> int:
     """`respec profile`: re-measure the adaptive tuner's cost profile for an actor + drafter now
     (e.g. after the machine's load changed) and print it; later runs use the new one."""
     model_dir = Path(args.model) if args.model else builtin_actor_dir()
-    if args.drafter:
-        drafter_dir = Path(args.drafter)
-    else:
-        from .drafter.distill import ensure_builtin_drafter
-
-        drafter_dir = ensure_builtin_drafter(model_dir)
+    drafter_dir = resolve_drafter(args.drafter or "builtin:eagle", model_dir, builtin_actor=not args.model)
     pre = load_pretrained(model_dir, dtype=parse_dtype(args.dtype), device=args.device)
     drafter = load_drafter(drafter_dir, pre.model, actor_path=str(model_dir))
     prof = cost_profile(pre.model, drafter, args.max_k, force=True)
@@ -155,7 +150,8 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateReport:
         prompts.append((str(row["id"]), ids))
     spec, max_k = spec_settings(cfg.spec, cfg.speculative_num_steps, cfg.speculative_num_draft_tokens)
     drafter = None
-    drafter_dir = cfg.drafter or (_cached_builtin_drafter(model_dir) if not cfg.model and spec else "")
+    drafter_dir = resolve_drafter(cfg.drafter, model_dir, builtin_actor=not cfg.model) or (
+        _cached_builtin_drafter(model_dir) if not cfg.model and spec else "")
     if drafter_dir:
         drafter = load_drafter(drafter_dir, model, actor_path=model_dir)
     elif spec == "adaptive":
@@ -204,3 +200,25 @@ def _cached_builtin_drafter(actor_dir) -> str:
 
     d = cache_root() / f"drafter-{Path(actor_dir).resolve().name}"
     return str(d) if (d / "model.safetensors").is_file() else ""
+
+
+# The built-in actor's drafters, by name wherever a drafter directory is asked for (`--drafter`,
+# `rollout.drafter`): its distilled EAGLE head (built on first use, ~4-5 minutes on 2 CPU cores) or
+# the small standalone draft LM of tasks/pretrain.py (DRAFT_LM, ~1 minute). Both are cached.
+BUILTIN_DRAFTERS = ("builtin:eagle", "builtin:lm")
+
+
+def resolve_drafter(value: str, actor_dir, builtin_actor: bool) -> str:
+    """A drafter setting -> a directory: 'builtin:eagle' / 'builtin:lm' are built (once) and cached,
+    anything else is returned as given (a path, or '' for none)."""
+    if value not in BUILTIN_DRAFTERS:
+        return value
+    if not builtin_actor:
+        raise DataError(f"drafter {value!r} is the built-in actor's; with your own model pass a drafter directory")
+    if value == "builtin:lm":
+        from .tasks.pretrain import ensure_builtin_draft_lm
+
+        return str(ensure_builtin_draft_lm())
+    from .drafter.distill import ensure_builtin_drafter
+
+    return str(ensure_builtin_drafter(Path(actor_dir)))

@@ -181,3 +181,21 @@ def test_profile_command_remeasures_the_cached_profile(actor_dir, capsys, monkey
     pre = load_pretrained(actor_dir)
     prof = cost_profile(pre.model, load_drafter(actor_dir, pre.model))  # what `--spec adaptive` loads
     assert len(calls) == 2 and prof.max_k == 8
+
+
+def test_builtin_drafter_names_resolve_to_the_cached_builds_and_refuse_a_custom_actor(actor_dir, tmp_path, capsys,
+                                                                                         monkeypatch):
+    from respec import generate
+    from respec.tasks import pretrain
+
+    built = []
+    monkeypatch.setattr(pretrain, "ensure_builtin_draft_lm", lambda progress=None: built.append("lm") or tmp_path / "lm")
+    assert generate.resolve_drafter("builtin:lm", actor_dir, builtin_actor=True) == str(tmp_path / "lm")
+    assert built == ["lm"]
+    assert generate.resolve_drafter(str(actor_dir), actor_dir, builtin_actor=False) == str(actor_dir)  # a path: as given
+    inp = write(tmp_path / "in.jsonl", [{"id": 0, "prompt": "Q: 1+1=\n"}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(actor_dir), "--input", str(inp), "--output", str(out),
+                 "--drafter", "builtin:lm", "--spec", "2"]) != 0
+    assert "'builtin:lm' is the built-in actor's" in capsys.readouterr().err
+    assert built == ["lm"] and not out.exists()  # refused before building or writing anything

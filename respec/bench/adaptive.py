@@ -45,7 +45,7 @@ from .protocol import device_info, interleaved, ratio_ci, report_header, write_r
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="actor dir (default: the built-in actor)")
-    p.add_argument("--drafter", default="", help="drafter dir (default: the built-in actor's cached drafter)")
+    p.add_argument("--drafter", default="", help="drafter dir, or builtin:eagle (default) | builtin:lm (the built-in actor's cached drafters)")
     p.add_argument("--batches", default="1,2,4,8,16,32,64")
     p.add_argument("--ks", default="1,2,3,4,5,6")
     p.add_argument("--new-tokens", type=int, default=48)
@@ -59,15 +59,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generate import builtin_actor_dir, load_drafter, make_policy
+    from ..generate import builtin_actor_dir, load_drafter, make_policy, resolve_drafter
 
     model_dir = Path(args.model) if args.model else builtin_actor_dir()
-    if args.drafter:
-        drafter_dir = Path(args.drafter)
-    else:
-        from ..drafter.distill import ensure_builtin_drafter
-
-        drafter_dir = ensure_builtin_drafter(model_dir)
+    drafter_dir = Path(resolve_drafter(args.drafter or "builtin:eagle", model_dir, builtin_actor=not args.model))
     pre = load_pretrained(model_dir)
     model, tok = pre.model, pre.tokenizer
     drafter = load_drafter(drafter_dir, model, actor_path=str(model_dir))

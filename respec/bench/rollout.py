@@ -34,7 +34,7 @@ from .protocol import device_info, interleaved, ratio_ci, timed, write_results
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="actor dir (default: the built-in actor)")
-    p.add_argument("--drafter", default="", help="EAGLE drafter dir (default: the built-in actor's cached drafter)")
+    p.add_argument("--drafter", default="", help="drafter dir, or builtin:eagle (default) | builtin:lm (the built-in actor's cached drafters)")
     p.add_argument("--draft-model", default="builtin",
                    help="standalone draft LM (HF dir) for the transformers assisted baseline; 'builtin' = the cached "
                         "small draft LM (built on first use); '' = skip assisted generation")
@@ -51,12 +51,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generate import builtin_actor_dir, load_drafter
+    from ..generate import builtin_actor_dir, load_drafter, resolve_drafter
 
     model_dir = Path(args.model) if args.model else builtin_actor_dir()
     if not args.skip_hf:  # resolved (built, or checked) before the long measurements
         args.draft_model = _draft_model_dir(args.draft_model)
-    drafter_dir = Path(args.drafter) if args.drafter else _builtin_drafter(model_dir)
+    drafter_dir = Path(resolve_drafter(args.drafter or "builtin:eagle", model_dir, builtin_actor=not args.model))
     pre = load_pretrained(model_dir)
     model, tok = pre.model, pre.tokenizer
     drafter = load_drafter(drafter_dir, model, actor_path=str(model_dir))
@@ -273,9 +273,3 @@ def _draft_model_dir(arg: str) -> str:
     if arg and not (Path(arg) / "config.json").is_file():
         raise SystemExit(f"--draft-model {arg}: no config.json (not an HF checkpoint directory)")
     return arg
-
-
-def _builtin_drafter(model_dir: Path) -> Path:
-    from ..drafter.distill import ensure_builtin_drafter
-
-    return ensure_builtin_drafter(model_dir)

@@ -146,11 +146,11 @@ def run_train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> 
     elif spec:
         from ..generate import load_drafter, make_policy
 
-        drafter_dir = cfg.rollout.drafter
-        if not drafter_dir and not cfg.model:  # the built-in actor's cached drafter (distilled on first use)
-            from ..drafter.distill import ensure_builtin_drafter
+        from ..generate import resolve_drafter
 
-            drafter_dir = str(ensure_builtin_drafter(Path(model_dir)))
+        # no rollout.drafter with the built-in actor: its cached EAGLE head (distilled on first use)
+        drafter_dir = resolve_drafter(cfg.rollout.drafter or ("" if cfg.model else "builtin:eagle"), model_dir,
+                                      builtin_actor=not cfg.model)
         drafter = load_drafter(drafter_dir, model, actor_path=model_dir)
         policy = make_policy(spec, model, drafter, max_k)  # adaptive: the tuner's acceptance EMA follows the actor as it trains
     # The engine holds the very model object the trainer updates: no copy to keep in sync.

@@ -196,9 +196,9 @@ def builtin_actor_dir() -> Path:
 def _cached_builtin_drafter(actor_dir) -> str:
     """The built-in actor's drafter if it is already cached (`respec train` and `respec distill` build
     it); generate never spends minutes distilling one on its own."""
-    from .tasks.pretrain import cache_root
+    from .drafter.distill import builtin_drafter_path
 
-    d = cache_root() / f"drafter-{Path(actor_dir).resolve().name}"
+    d = builtin_drafter_path(actor_dir)
     return str(d) if (d / "model.safetensors").is_file() else ""
 
 

@@ -199,3 +199,22 @@ def test_builtin_drafter_names_resolve_to_the_cached_builds_and_refuse_a_custom_
                  "--drafter", "builtin:lm", "--spec", "2"]) != 0
     assert "'builtin:lm' is the built-in actor's" in capsys.readouterr().err
     assert built == ["lm"] and not out.exists()  # refused before building or writing anything
+
+
+def test_generate_reuses_only_a_current_build_of_the_builtin_drafter(tmp_path, monkeypatch):
+    """The built-in drafter's cache name carries its build: a drafter distilled by an older recipe
+    (the unversioned name) is not picked up, the current one is."""
+    from respec import generate
+    from respec.drafter.distill import builtin_drafter_path
+
+    monkeypatch.setenv("RESPEC_CACHE", str(tmp_path))
+    actor = tmp_path / "actor-abc"
+    old = tmp_path / "drafter-actor-abc"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"")
+    assert generate._cached_builtin_drafter(actor) == ""
+    cur = builtin_drafter_path(actor)
+    assert cur.parent == tmp_path and cur != old
+    cur.mkdir()
+    (cur / "model.safetensors").write_bytes(b"")
+    assert generate._cached_builtin_drafter(actor) == str(cur)

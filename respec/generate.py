@@ -65,7 +65,7 @@ def run_profile_cli(cfg, args) -> int:
     """`respec profile`: re-measure the adaptive tuner's cost profile for an actor + drafter now
     (e.g. after the machine's load changed) and print it; later runs use the new one."""
     model_dir = Path(args.model) if args.model else builtin_actor_dir()
-    drafter_dir = resolve_drafter(args.drafter or "builtin:eagle", model_dir, builtin_actor=not args.model)
+    drafter_dir = resolve_drafter(args.drafter, model_dir, builtin_actor=not args.model)
     pre = load_pretrained(model_dir, dtype=parse_dtype(args.dtype), device=args.device)
     drafter = load_drafter(drafter_dir, pre.model, actor_path=str(model_dir))
     prof = cost_profile(pre.model, drafter, args.max_k, force=True)
@@ -150,7 +150,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateReport:
         prompts.append((str(row["id"]), ids))
     spec, max_k = spec_settings(cfg.spec, cfg.speculative_num_steps, cfg.speculative_num_draft_tokens)
     drafter = None
-    drafter_dir = resolve_drafter(cfg.drafter, model_dir, builtin_actor=not cfg.model) or (
+    drafter_dir = resolve_drafter(cfg.drafter, model_dir, builtin_actor=not cfg.model, default="") or (
         _cached_builtin_drafter(model_dir) if not cfg.model and spec else "")
     if drafter_dir:
         drafter = load_drafter(drafter_dir, model, actor_path=model_dir)
@@ -203,14 +203,16 @@ def _cached_builtin_drafter(actor_dir) -> str:
 
 
 # The built-in actor's drafters, by name wherever a drafter directory is asked for (`--drafter`,
-# `rollout.drafter`): its distilled EAGLE head (built on first use, ~4-5 minutes on 2 CPU cores) or
+# `rollout.drafter`): its distilled EAGLE head (built on first use, ~9 minutes on 2 CPU cores) or
 # the small standalone draft LM of tasks/pretrain.py (DRAFT_LM, ~1 minute). Both are cached.
 BUILTIN_DRAFTERS = ("builtin:eagle", "builtin:lm")
+DEFAULT_BUILTIN_DRAFTER = "builtin:eagle"
 
 
-def resolve_drafter(value: str, actor_dir, builtin_actor: bool) -> str:
+def resolve_drafter(value: str, actor_dir, builtin_actor: bool, default: str = DEFAULT_BUILTIN_DRAFTER) -> str:
     """A drafter setting -> a directory: 'builtin:eagle' / 'builtin:lm' are built (once) and cached,
-    anything else is returned as given (a path, or '' for none)."""
+    anything else is returned as given (a path); an empty setting means `default` ('' = none)."""
+    value = value or default
     if value not in BUILTIN_DRAFTERS:
         return value
     if not builtin_actor:

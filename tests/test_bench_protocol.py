@@ -55,3 +55,11 @@ def test_grpo_study_summary_flags_arms_that_learn_differently(tmp_path, shift, w
     g = payload["generate_speedup_per_step"]
     assert g["ci95"][0] <= g["median"] <= g["ci95"][1] and 1.5 < g["median"] < 1.8  # 1.0 / 0.6 per step
     assert "within seed-to-seed noise" in render_table(payload)
+
+
+def test_rollout_bench_refuses_a_draft_model_dir_without_a_checkpoint_before_measuring(tmp_path):
+    from respec.bench.rollout import _draft_model_dir
+
+    assert _draft_model_dir("") == ""  # no assisted baseline
+    with pytest.raises(SystemExit, match="no config.json"):
+        _draft_model_dir(str(tmp_path))

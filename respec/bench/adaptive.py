@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from ..generate import builtin_actor_dir, load_drafter, make_policy, resolve_drafter
 
     model_dir = Path(args.model) if args.model else builtin_actor_dir()
-    drafter_dir = Path(resolve_drafter(args.drafter or "builtin:eagle", model_dir, builtin_actor=not args.model))
+    drafter_dir = Path(resolve_drafter(args.drafter, model_dir, builtin_actor=not args.model))
     pre = load_pretrained(model_dir)
     model, tok = pre.model, pre.tokenizer
     drafter = load_drafter(drafter_dir, model, actor_path=str(model_dir))

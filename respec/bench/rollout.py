@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else builtin_actor_dir()
     if not args.skip_hf:  # resolved (built, or checked) before the long measurements
         args.draft_model = _draft_model_dir(args.draft_model)
-    drafter_dir = Path(resolve_drafter(args.drafter or "builtin:eagle", model_dir, builtin_actor=not args.model))
+    drafter_dir = Path(resolve_drafter(args.drafter, model_dir, builtin_actor=not args.model))
     pre = load_pretrained(model_dir)
     model, tok = pre.model, pre.tokenizer
     drafter = load_drafter(drafter_dir, model, actor_path=str(model_dir))

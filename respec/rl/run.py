@@ -144,13 +144,11 @@ def run_train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> 
             print("respec train: no rollout.drafter, so rollout.spec = adaptive decodes plainly "
                   "(build one with `respec distill --model ...`)", file=sys.stderr)
     elif spec:
-        from ..generate import load_drafter, make_policy
+        from ..generate import load_drafter, make_policy, resolve_drafter
 
-        from ..generate import resolve_drafter
-
-        # no rollout.drafter with the built-in actor: its cached EAGLE head (distilled on first use)
-        drafter_dir = resolve_drafter(cfg.rollout.drafter or ("" if cfg.model else "builtin:eagle"), model_dir,
-                                      builtin_actor=not cfg.model)
+        # no rollout.drafter (only possible with the built-in actor: validate() requires one otherwise):
+        # its cached EAGLE head, distilled on first use
+        drafter_dir = resolve_drafter(cfg.rollout.drafter, model_dir, builtin_actor=not cfg.model)
         drafter = load_drafter(drafter_dir, model, actor_path=model_dir)
         policy = make_policy(spec, model, drafter, max_k)  # adaptive: the tuner's acceptance EMA follows the actor as it trains
     # The engine holds the very model object the trainer updates: no copy to keep in sync.

@@ -51,12 +51,3 @@ def test_builtin_draft_lm_is_a_smaller_model_on_the_actors_tokenizer_in_its_own_
     out = pretrain.ensure_builtin_draft_lm(progress=False)
     assert out == tmp_path / f"draft-lm-{draft.cache_key()}" and built == [(draft, out)]
 
-
-def test_rollout_bench_refuses_a_draft_model_dir_without_a_checkpoint_before_measuring(tmp_path):
-    import pytest
-
-    from respec.bench.rollout import _draft_model_dir
-
-    assert _draft_model_dir("") == ""  # no assisted baseline
-    with pytest.raises(SystemExit, match="no config.json"):
-        _draft_model_dir(str(tmp_path))
